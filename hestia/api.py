@@ -1,0 +1,138 @@
+"""The /v1 control API (FastAPI). Not on the data path: the proxy never goes through here."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from hestia import __version__
+from hestia.errors import HestiaError, ServiceStartTimeout, error_body
+from hestia.lifecycle import State
+from hestia.registry import Registry
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+    service: str | None = None
+    detail: dict[str, Any] | None = None
+
+
+class ErrorBody(BaseModel):
+    error: ErrorDetail
+
+
+class ServiceStatus(BaseModel):
+    name: str
+    state: str
+    backend: str
+    container: str | None
+    upstream: str | None
+    last_activity: float
+    idle_timeout_s: float
+    startup_timeout_s: float
+    in_flight: int
+    waiting: int
+    last_error: dict[str, Any] | None
+    started_at: float | None
+
+
+class ServiceList(BaseModel):
+    services: list[ServiceStatus]
+
+
+class Health(BaseModel):
+    status: str
+    version: str
+    services: int
+
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    404: {"model": ErrorBody, "description": "unknown service"},
+    502: {"model": ErrorBody, "description": "backend (Docker) refused"},
+    503: {"model": ErrorBody, "description": "start failed"},
+    504: {"model": ErrorBody, "description": "start timed out"},
+}
+
+
+def build_api(registry: Registry) -> FastAPI:
+    api = FastAPI(
+        title="Hestia control API",
+        version=__version__,
+        description="Status and control of the services behind the Hestia gateway. "
+        "The proxy itself lives at /services/{name}/{path}.",
+    )
+
+    @api.exception_handler(HestiaError)
+    async def _hestia_error(_: Request, exc: HestiaError) -> JSONResponse:
+        return JSONResponse(exc.to_dict(), status_code=exc.status)
+
+    @api.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> Response:
+        code = "not_found" if exc.status_code == 404 else "http_error"
+        message = str(exc.detail)
+        if exc.status_code == 404:
+            message = "no such endpoint; the API is under /v1 and services under /services/NAME/"
+        return _raw(exc.status_code, error_body(exc.status_code, code, message))
+
+    @api.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError) -> Response:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
+        )
+        return _raw(422, error_body(422, "invalid_request", problems))
+
+    @api.get("/v1/health", response_model=Health)
+    async def health() -> Health:
+        return Health(status="ok", version=__version__, services=len(registry.services))
+
+    @api.get("/v1/services", response_model=ServiceList)
+    async def list_services() -> dict[str, Any]:
+        return {"services": [registry.services[n].status() for n in sorted(registry.services)]}
+
+    @api.get("/v1/services/{name}/status", response_model=ServiceStatus, responses=_ERRORS)
+    async def service_status(name: str) -> dict[str, Any]:
+        return registry.get(name).status()
+
+    @api.post("/v1/services/{name}/start", response_model=ServiceStatus, responses=_ERRORS)
+    async def start_service(
+        name: str, wait: bool = Query(False, description="block until the service is ready")
+    ) -> dict[str, Any]:
+        svc = registry.get(name)
+        if svc.state is not State.READY:
+            task = svc.ensure_started("api")
+            if wait:
+                try:
+                    result = await asyncio.wait_for(
+                        asyncio.shield(task), svc.config.startup_timeout
+                    )
+                except TimeoutError:
+                    raise ServiceStartTimeout(
+                        f"service {name!r} was not ready within {svc.config.startup_timeout:g}s",
+                        service=name,
+                    ) from None
+                if result is not None:
+                    raise result
+        return svc.status()
+
+    @api.post("/v1/services/{name}/stop", response_model=ServiceStatus, responses=_ERRORS)
+    async def stop_service(
+        name: str, wait: bool = Query(False, description="block until the service is stopped")
+    ) -> dict[str, Any]:
+        svc = registry.get(name)
+        task = svc.request_stop("api")
+        if wait and task is not None:
+            await asyncio.shield(task)
+        return svc.status()
+
+    return api
+
+
+def _raw(status: int, body: bytes) -> Response:
+    return Response(body, status_code=status, media_type="application/json")

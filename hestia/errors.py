@@ -1,0 +1,97 @@
+"""Hestia's error tree, and the one place that turns an error into an HTTP status and JSON body.
+
+HestiaError
+ +-- ConfigError              invalid hestia_config.yml or labels (start-up refuses to run)
+ +-- ServiceNotFound          404  service_not_found
+ +-- ServiceStartFailed       503  start_failed      (container exited, health check failed, ...)
+ +-- ServiceStartTimeout      504  start_timeout     (not ready within startup_timeout)
+ +-- ServiceUnavailable       503  shutting_down / service_stopping
+ +-- UpstreamUnreachable      502  upstream_unreachable (refused, reset, bad response)
+ +-- BackendError             502  backend_error     (Docker said no)
+ +-- BadRequest               400  bad_request
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+
+class HestiaError(Exception):
+    status: int = 500
+    code: str = "internal_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        service: str | None = None,
+        detail: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.service = service
+        self.detail = detail or {}
+
+    def to_dict(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.service is not None:
+            body["service"] = self.service
+        if self.detail:
+            body["detail"] = self.detail
+        return {"error": body}
+
+    def to_json_bytes(self) -> bytes:
+        return json.dumps(self.to_dict()).encode()
+
+
+class ConfigError(HestiaError):
+    status = 500
+    code = "config_invalid"
+
+
+class ServiceNotFound(HestiaError):
+    status = 404
+    code = "service_not_found"
+
+
+class ServiceStartFailed(HestiaError):
+    status = 503
+    code = "start_failed"
+
+
+class ServiceStartTimeout(HestiaError):
+    status = 504
+    code = "start_timeout"
+
+
+class ServiceUnavailable(HestiaError):
+    status = 503
+    code = "service_unavailable"
+
+
+class ShuttingDown(ServiceUnavailable):
+    code = "shutting_down"
+
+
+class UpstreamUnreachable(HestiaError):
+    status = 502
+    code = "upstream_unreachable"
+
+
+class BackendError(HestiaError):
+    status = 502
+    code = "backend_error"
+
+
+class BadRequest(HestiaError):
+    status = 400
+    code = "bad_request"
+
+
+def error_body(status: int, code: str, message: str, service: str | None = None) -> bytes:
+    """JSON body of the common shape, for errors that are not HestiaErrors (e.g. FastAPI's)."""
+    err: dict[str, Any] = {"code": code, "message": message}
+    if service is not None:
+        err["service"] = service
+    return json.dumps({"error": err}).encode()

@@ -1,0 +1,234 @@
+"""Shared fixtures: a real Docker engine, a busybox test image built here, a gateway served by a
+real uvicorn on 127.0.0.1, and helpers that wait for events with a deadline."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import shutil
+import socket
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvicorn
+
+from hestia.config import parse_config
+from hestia.logs import setup_logging
+
+TEST_LABEL = "hestia.test"
+RUN_ID = uuid.uuid4().hex[:8]
+
+setup_logging("text", os.environ.get("HESTIA_TEST_LOG_LEVEL", "WARNING"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def wait_for(
+    predicate: Callable[[], bool | Awaitable[bool]], timeout: float = 10.0, what: str = "condition"
+) -> None:
+    """Poll `predicate` every 20 ms until true; fail with `what` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if not isinstance(result, bool):
+            result = await result
+        if result:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.02)
+
+
+# ------------------------------------------------------------------ docker
+_STREAM_CGI = """#!/bin/sh
+echo "Content-Type: application/x-ndjson"
+echo ""
+i=0
+n=${QUERY_STRING:-5}
+while [ $i -lt $n ]; do echo "{\\"i\\":$i}"; i=$((i+1)); sleep 0.2; done
+"""
+
+_ENTRY = """#!/bin/sh
+# DELAY: seconds before the web server listens; EXIT_CODE: exit instead of serving
+sleep "${DELAY:-0}"
+if [ -n "$EXIT_CODE" ]; then echo "simulated failure, exiting $EXIT_CODE"; exit "$EXIT_CODE"; fi
+touch /tmp/up
+exec httpd -f -p "${PORT:-80}" -h /www
+"""
+
+
+def _docker_client() -> Any:
+    import docker
+
+    try:
+        client = docker.from_env()
+        client.ping()
+    except Exception as exc:
+        if os.environ.get("CI"):
+            pytest.fail(f"Docker is required in CI and is not reachable: {exc}")
+        pytest.skip(f"Docker not reachable: {exc}")
+    return client
+
+
+@pytest.fixture(scope="session")
+def docker_client() -> Iterator[Any]:
+    client = _docker_client()
+    yield client
+    for c in client.containers.list(all=True, filters={"label": f"{TEST_LABEL}={RUN_ID}"}):
+        c.remove(force=True)
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def busybox_image(docker_client: Any) -> str:
+    """FROM scratch + Debian's static busybox: httpd with a start delay, and a streaming CGI."""
+    busybox = shutil.which("busybox") or "/bin/busybox"
+    if not Path(busybox).exists():
+        pytest.fail("busybox-static is not installed (apt-get install busybox-static)")
+    with tempfile.TemporaryDirectory() as tmp:
+        ctx = Path(tmp)
+        shutil.copy(busybox, ctx / "busybox")
+        (ctx / "www" / "cgi-bin").mkdir(parents=True)
+        (ctx / "www" / "index.html").write_text("hello from busybox\n")
+        (ctx / "www" / "cgi-bin" / "stream").write_text(_STREAM_CGI)
+        (ctx / "www" / "cgi-bin" / "stream").chmod(0o755)
+        (ctx / "entry.sh").write_text(_ENTRY)
+        (ctx / "entry.sh").chmod(0o755)
+        (ctx / "Dockerfile").write_text(
+            "FROM scratch\n"
+            "COPY busybox /bin/busybox\n"
+            'RUN ["/bin/busybox", "--install", "-s", "/bin"]\n'
+            'RUN ["/bin/mkdir", "-p", "/tmp"]\n'
+            "COPY www /www\n"
+            "COPY entry.sh /entry.sh\n"
+            f'LABEL {TEST_LABEL}="image"\n'
+            "EXPOSE 80\n"
+            "STOPSIGNAL SIGKILL\n"
+            'CMD ["/entry.sh"]\n'
+        )
+        digest = hashlib.sha256(
+            b"".join(p.read_bytes() for p in sorted(ctx.rglob("*")) if p.is_file())
+        ).hexdigest()[:12]
+        tag = f"hestia-test-busybox:{digest}"
+        try:
+            docker_client.images.get(tag)
+        except Exception:
+            docker_client.images.build(path=str(ctx), tag=tag, rm=True)
+    return tag
+
+
+class ContainerFactory:
+    def __init__(self, client: Any, image: str) -> None:
+        self.client = client
+        self.image = image
+        self.created: list[Any] = []
+
+    def name(self, hint: str) -> str:
+        return f"hestia-t-{RUN_ID}-{hint}-{uuid.uuid4().hex[:6]}"
+
+    def create(
+        self,
+        hint: str = "svc",
+        *,
+        labels: dict[str, str] | None = None,
+        env: dict[str, str] | None = None,
+        healthcheck: dict[str, Any] | None = None,
+        publish: bool = True,
+        start: bool = False,
+    ) -> Any:
+        all_labels = {TEST_LABEL: RUN_ID, **(labels or {})}
+        container = self.client.containers.create(
+            self.image,
+            name=self.name(hint),
+            labels=all_labels,
+            environment=env or {},
+            healthcheck=healthcheck,
+            ports={"80/tcp": ("127.0.0.1", None)} if publish else None,
+        )
+        self.created.append(container)
+        if start:
+            container.start()
+        return container
+
+    def state(self, container: Any) -> str:
+        container.reload()
+        return str(container.attrs["State"]["Status"])
+
+    def cleanup(self) -> None:
+        for c in self.created:
+            try:
+                c.remove(force=True)
+            except Exception:
+                pass
+
+
+@pytest.fixture
+def containers(docker_client: Any, busybox_image: str) -> Iterator[ContainerFactory]:
+    factory = ContainerFactory(docker_client, busybox_image)
+    try:
+        yield factory
+    finally:
+        factory.cleanup()
+
+
+# ------------------------------------------------------------------ gateway
+class RunningGateway:
+    def __init__(self, gateway: Any, server: uvicorn.Server, port: int) -> None:
+        self.gateway = gateway
+        self.server = server
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+
+    def service(self, name: str) -> Any:
+        return self.gateway.registry.get(name)
+
+
+@pytest.fixture
+async def gateway_factory() -> AsyncIterator[Callable[..., Awaitable[RunningGateway]]]:
+    """Start a real gateway (uvicorn on 127.0.0.1:random) with a config dict and a backend."""
+    from hestia.app import Gateway
+
+    running: list[tuple[uvicorn.Server, asyncio.Task[None]]] = []
+
+    async def start(raw_config: dict[str, Any], backend: Any = None) -> RunningGateway:
+        raw_config.setdefault("docker", {}).setdefault("enabled", backend is not None)
+        config = parse_config(raw_config, source="test")
+        gateway = Gateway(config, backend)
+        port = free_port()
+        server = uvicorn.Server(
+            uvicorn.Config(gateway, host="127.0.0.1", port=port, lifespan="on", log_config=None)
+        )
+        server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        task = asyncio.create_task(server.serve())
+        running.append((server, task))
+        await wait_for(lambda: server.started or task.done(), 20, "the gateway to listen")
+        if task.done():
+            task.result()
+        return RunningGateway(gateway, server, port)
+
+    yield start
+    for server, _ in running:
+        server.should_exit = True
+    for _, task in running:
+        try:
+            await asyncio.wait_for(task, 15)
+        except Exception:
+            task.cancel()
+
+
+@pytest.fixture
+def docker_backend(docker_client: Any) -> Iterator[Any]:
+    from hestia.backends.docker import DockerBackend
+
+    backend = DockerBackend()
+    yield backend

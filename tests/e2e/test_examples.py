@@ -1,0 +1,63 @@
+"""Every shipped example config loads, and every hestia.* label in the compose files is one
+Hestia knows, with a value it accepts. No Docker needed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hestia.config import HestiaConfig, label_enabled, load_config
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLES = sorted((REPO / "examples").glob("*.yml"))
+COMPOSE_FILES = [REPO / "docker-compose.yml", *sorted((REPO / "compose").glob("*.yml"))]
+# The labels documented in the README.
+KNOWN_LABELS = {
+    "hestia.enable",
+    "hestia.service",
+    "hestia.port",
+    "hestia.url",
+    "hestia.idle_timeout",
+    "hestia.startup_timeout",
+    "hestia.health.path",
+    "hestia.health.status",
+    "hestia.health.type",
+}
+
+
+def test_the_examples_are_there() -> None:
+    assert {p.name for p in EXAMPLES} >= {"minimal.yml", "ollama.yml", "mixed.yml"}
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
+def test_example_config_loads(path: Path) -> None:
+    config = load_config(path)
+    assert config.services, f"{path.name} declares no service"
+    for name, service in config.static_services().items():
+        assert service.container or service.url, name
+
+
+def _labelled_services(path: Path) -> list[tuple[str, dict[str, str]]]:
+    services = (yaml.safe_load(path.read_text()) or {}).get("services") or {}
+    out = []
+    for name, spec in services.items():
+        labels = spec.get("labels") or {}
+        if isinstance(labels, list):  # the `- key=value` form
+            labels = dict(item.split("=", 1) for item in labels)
+        labels = {str(k): str(v) for k, v in labels.items()}
+        if any(k.startswith("hestia.") for k in labels):
+            out.append((name, labels))
+    return out
+
+
+@pytest.mark.parametrize("path", COMPOSE_FILES, ids=lambda p: str(p.relative_to(REPO)))
+def test_compose_labels_are_known_and_valid(path: Path) -> None:
+    for service, labels in _labelled_services(path):
+        unknown = {k for k in labels if k.startswith("hestia.")} - KNOWN_LABELS
+        assert not unknown, f"{path.name}: {service}: unknown labels {sorted(unknown)}"
+        assert label_enabled(labels), f"{path.name}: {service}: hestia.enable is not true"
+        name = labels.get("hestia.service", service)
+        resolved = HestiaConfig().resolve(name, labels, container=name)
+        assert resolved.port or resolved.url, f"{path.name}: {service}: no hestia.port/url"
