@@ -308,6 +308,11 @@ class Service:
         if self.backend is None or self.state is State.STOPPED:
             return None
         if self._stop_task is None or self._stop_task.done():
+            # STOPPING at once, not when the task first runs: a request arriving in between
+            # must wait for the stop and start again, never take the fast path to a dying
+            # container.
+            self._cancel_idle()
+            self._transition(State.STOPPING, reason)
             self._stop_task = asyncio.get_running_loop().create_task(
                 self._run_stop(reason), name=f"hestia-stop-{self.name}"
             )

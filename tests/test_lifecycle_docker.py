@@ -275,3 +275,42 @@ async def test_config_service_names_container(
         r = await client.get("/services/files/index.html")
         assert r.status_code == 200
     assert containers.state(c) == "running"
+
+
+async def test_renamed_container_is_followed(
+    containers: ContainerFactory, gateway_factory: Any, docker_backend: Any
+) -> None:
+    scope = _scope()
+    # no hestia.service label: the service is named after the container
+    c = containers.create("ren", labels={"hestia.enable": "true", "hestia.scope": scope})
+    gw = await gateway_factory(_cfg(scope), docker_backend)
+    await wait_for(lambda: c.name in gw.gateway.registry.services, 10, "discovery")
+    new_name = containers.name("renamed")
+    c.rename(new_name)
+    await wait_for(
+        lambda: (
+            new_name in gw.gateway.registry.services and c.name not in gw.gateway.registry.services
+        ),
+        10,
+        "the rename to be followed",
+    )
+    async with httpx.AsyncClient(base_url=gw.url, timeout=30) as client:
+        r = await client.get(f"/services/{new_name}/")
+    assert r.status_code == 200
+
+
+async def test_openapi_describes_the_api(gateway_factory: Any) -> None:
+    gw = await gateway_factory({})
+    async with httpx.AsyncClient(base_url=gw.url) as client:
+        doc = (await client.get("/openapi.json")).json()
+        health = (await client.get("/v1/health")).json()
+    assert health["status"] == "ok"
+    for path in (
+        "/v1/health",
+        "/v1/services",
+        "/v1/services/{name}/status",
+        "/v1/services/{name}/start",
+        "/v1/services/{name}/stop",
+    ):
+        assert path in doc["paths"], path
+    assert "404" in doc["paths"]["/v1/services/{name}/status"]["get"]["responses"]
