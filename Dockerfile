@@ -35,7 +35,8 @@ RUN set -eu; \
 FROM ${BASE_IMAGE}
 COPY --from=builder /opt/hestia /opt/hestia
 ENV PATH=/opt/hestia/bin:$PATH \
-    PYTHONUNBUFFERED=1
+    PYTHONUNBUFFERED=1 \
+    HESTIA_DATABASE_URL=sqlite:////data/hestia.db
 # The config is ./hestia_config.yml relative to here: mount one at
 # /config/hestia_config.yml, or mount nothing and Hestia runs on container labels alone.
 WORKDIR /config

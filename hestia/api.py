@@ -7,14 +7,17 @@ from typing import Any
 
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from hestia import __version__
 from hestia.errors import HestiaError, ServiceStartTimeout, error_body
 from hestia.lifecycle import State
+from hestia.metrics import Metrics, PrometheusCollector
 from hestia.registry import Registry
+from hestia.store import Store
 
 
 class ErrorDetail(BaseModel):
@@ -39,6 +42,7 @@ class ServiceStatus(BaseModel):
     startup_timeout_s: float
     in_flight: int
     waiting: int
+    peak_waiting: int
     last_error: dict[str, Any] | None
     started_at: float | None
 
@@ -61,7 +65,23 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-def build_api(registry: Registry) -> FastAPI:
+class Event(BaseModel):
+    at: float
+    from_state: str
+    to_state: str
+    cause: str
+    reason: str
+    duration_ms: float | None
+
+
+class EventList(BaseModel):
+    service: str
+    events: list[Event]
+
+
+def build_api(registry: Registry, metrics: Metrics, store: Store) -> FastAPI:
+    prometheus = CollectorRegistry(auto_describe=True)
+    prometheus.register(PrometheusCollector(metrics))
     api = FastAPI(
         title="Hestia control API",
         version=__version__,
@@ -95,6 +115,28 @@ def build_api(registry: Registry) -> FastAPI:
     @api.get("/v1/services", response_model=ServiceList)
     async def list_services() -> dict[str, Any]:
         return {"services": [registry.services[n].status() for n in sorted(registry.services)]}
+
+    @api.get("/v1/metrics")
+    async def metrics_json() -> dict[str, Any]:
+        """Per service: requests by status class, errors, bytes, cold starts, start durations,
+        time spent waiting for starts, waiting and in flight now, uptime share; and totals."""
+        return metrics.snapshot()
+
+    @api.get("/metrics", response_class=PlainTextResponse)
+    async def metrics_prometheus() -> Response:
+        """The same numbers in Prometheus text format (hestia_* with a `service` label)."""
+        return Response(generate_latest(prometheus), media_type=CONTENT_TYPE_LATEST)
+
+    @api.get("/v1/services/{name}/events", response_model=EventList, responses=_ERRORS)
+    async def service_events(
+        name: str, limit: int = Query(100, ge=1, le=10000, description="newest first")
+    ) -> dict[str, Any]:
+        """The service's lifecycle history, newest first."""
+        if name not in registry.services:
+            registry.get(name)  # raises the 404
+        await store.flush()
+        rows = await asyncio.to_thread(store.events, name, limit)
+        return {"service": name, "events": [row.model_dump() for row in rows]}
 
     @api.get("/v1/services/{name}/status", response_model=ServiceStatus, responses=_ERRORS)
     async def service_status(name: str) -> dict[str, Any]:

@@ -1,19 +1,29 @@
 """Wiring only: the ASGI entry point that sends /services/* to the proxy and the rest to the
-control API, and the Gateway object that owns config, backend, registry and the upstream pool."""
+control API, and the Gateway object that owns config, backend, registry, store, metrics and the
+upstream pool."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import json
+import time
 
 from loguru import logger
 
 from hestia.api import build_api
 from hestia.backends.base import Backend
 from hestia.config import HestiaConfig
+from hestia.lifecycle import Service, State
+from hestia.metrics import Metrics
 from hestia.proxy import Proxy
 from hestia.registry import Registry
+from hestia.store import EventRow, ServiceRow, Store, error_json, wall
 from hestia.types import Receive, Scope, Send
 from hestia.upstream import UpstreamPool
+
+# How often every service's idle clock and counters are written to the store.
+SNAPSHOT_EVERY_S = 5.0
 
 
 class Gateway:
@@ -22,10 +32,20 @@ class Gateway:
     def __init__(self, config: HestiaConfig, backend: Backend | None) -> None:
         self.config = config
         self.backend = backend
-        self.registry = Registry(config, backend)
+        self.metrics = Metrics()
+        self.store = Store(config.database_url())
+        self.registry = Registry(config, backend, self._on_transition, self._on_new_service)
+        self.metrics.bind_live(
+            lambda: {
+                n: (s.in_flight, s.waiting, s.peak_waiting, s.state.value)
+                for n, s in self.registry.services.items()
+            }
+        )
         self.pool = UpstreamPool()
-        self.proxy = Proxy(self.registry.get, self.pool)
-        self.api = build_api(self.registry)
+        self.proxy = Proxy(self.registry.get, self.pool, self.metrics, config.logging.access)
+        self.api = build_api(self.registry, self.metrics, self.store)
+        self._restored: dict[str, ServiceRow] = {}
+        self._snapshot_task: asyncio.Task[None] | None = None
         self._started = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -38,15 +58,75 @@ class Gateway:
             return
         await self.api(scope, receive, send)
 
+    # ---------------------------------------------------------------- hooks
+    def _on_new_service(self, svc: Service) -> None:
+        row = self._restored.get(svc.name)
+        m = self.metrics.service(svc.name)
+        if row is None:
+            return
+        svc.restore(
+            row.state, row.last_activity, json.loads(row.last_error) if row.last_error else None
+        )
+        if not any(m.requests):  # carry the request counters across restarts
+            m.requests = [int(n) for n in json.loads(row.requests_by_class)][:5]
+            m.errors = row.errors
+            m.cold_starts = row.cold_starts
+
+    def _on_transition(
+        self, svc: Service, old: State, new: State, cause: str, reason: str, spent: float
+    ) -> None:
+        self.metrics.on_transition(svc.name, old.value, new.value, spent)
+        self.store.record_event(
+            EventRow(
+                service=svc.name,
+                at=time.time(),
+                from_state=old.value,
+                to_state=new.value,
+                cause=cause,
+                reason=reason,
+                duration_ms=round(spent * 1000, 3),
+            )
+        )
+        self.store.snapshot_service(self._service_row(svc))
+
+    def _service_row(self, svc: Service) -> ServiceRow:
+        m = self.metrics.service(svc.name)
+        return ServiceRow(
+            name=svc.name,
+            state=svc.state.value,
+            last_activity=wall(svc.last_activity),
+            started_at=svc.started_at,
+            last_error=error_json(svc.last_error),
+            requests_by_class=json.dumps(m.requests),
+            errors=m.errors,
+            cold_starts=m.cold_starts,
+            updated_at=time.time(),
+        )
+
+    def snapshot_all(self) -> None:
+        for svc in list(self.registry.services.values()):
+            self.store.snapshot_service(self._service_row(svc))
+
+    async def _snapshot_loop(self) -> None:
+        while True:
+            await asyncio.sleep(SNAPSHOT_EVERY_S)
+            self.snapshot_all()
+
+    # ---------------------------------------------------------------- lifespan
     async def startup(self) -> None:
         if self._started:
             return
         self._started = True
+        await asyncio.to_thread(self.store.migrate)
+        self._restored = await asyncio.to_thread(self.store.load_services)
+        self.store.start()
         await self.registry.start()
+        self._snapshot_task = asyncio.create_task(self._snapshot_loop(), name="hestia-snapshots")
         logger.info(
-            "Hestia ready with {} service(s): {}",
+            "Hestia ready with {} service(s): {}; state in {}",
             len(self.registry.services),
             ", ".join(sorted(self.registry.services)) or "(none yet)",
+            self.store.url,
         )
 
     def begin_shutdown(self) -> None:
@@ -54,7 +134,11 @@ class Gateway:
         self.registry.begin_shutdown()
 
     async def shutdown(self) -> None:
+        if self._snapshot_task is not None:
+            self._snapshot_task.cancel()
         await self.registry.close()
+        self.snapshot_all()
+        await self.store.close()  # flushes every queued event
         await self.pool.aclose()
         if self.backend is not None:
             with contextlib.suppress(Exception):

@@ -33,13 +33,17 @@ class _Server(uvicorn.Server):
 
 
 def _serve(args: argparse.Namespace) -> int:
-    setup_logging(os.environ.get("HESTIA_LOG_FORMAT", args.log_format), args.log_level)
+    setup_logging(os.environ.get("HESTIA_LOG_FORMAT", args.log_format or "json"), "INFO")
     try:
         config = load_config(args.config)
     except HestiaError as exc:
         logger.error("{}", exc.message)
         print(f"hestia: {exc.message}", file=sys.stderr)
         return 2
+    setup_logging(
+        os.environ.get("HESTIA_LOG_FORMAT") or args.log_format or config.logging.format,
+        args.log_level or config.logging.level,
+    )
     from hestia.app import Gateway
 
     backend: Backend | None = None
@@ -85,8 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     serve.add_argument("--host", help="address to listen on (default from config, 0.0.0.0)")
     serve.add_argument("--port", type=int, help="port to listen on (default from config, 8080)")
-    serve.add_argument("--log-format", choices=["json", "text"], default="json")
-    serve.add_argument("--log-level", default="INFO")
+    serve.add_argument("--log-format", choices=["json", "text"], help="default from config: json")
+    serve.add_argument("--log-level", help="default from config: INFO")
     args = parser.parse_args(argv)
     if args.command != "serve":
         parser.print_help()

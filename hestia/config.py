@@ -112,6 +112,17 @@ class DockerConfig(_Strict):
     scope: str | None = None
 
 
+class LoggingConfig(_Strict):
+    format: Literal["json", "text"] = "json"
+    level: Literal["TRACE", "DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    access: bool = True  # one line per proxied request
+
+
+class DatabaseConfig(_Strict):
+    # Any SQLAlchemy URL; HESTIA_DATABASE_URL overrides it.
+    url: str = "sqlite:///data/hestia.db"
+
+
 # Keys a service may set; `defaults:` takes the same keys except name/container/url.
 class _ServiceEntry(_Strict):
     container: str | None = None
@@ -131,6 +142,8 @@ class _Defaults(_Strict):
 class HestiaConfig(_Strict):
     server: ServerConfig = ServerConfig()
     docker: DockerConfig = DockerConfig()
+    logging: LoggingConfig = LoggingConfig()
+    database: DatabaseConfig = DatabaseConfig()
     defaults: _Defaults = _Defaults()
     services: dict[str, _ServiceEntry] = {}
     _source: str | None = PrivateAttr(default=None)
@@ -139,8 +152,8 @@ class HestiaConfig(_Strict):
     def source(self) -> str | None:
         return self._source
 
-    def service_names(self) -> list[str]:
-        return list(self.services)
+    def database_url(self) -> str:
+        return os.environ.get("HESTIA_DATABASE_URL") or self.database.url
 
     def resolve(
         self, name: str, labels: dict[str, str] | None = None, container: str | None = None

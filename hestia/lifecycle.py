@@ -77,7 +77,8 @@ def upstream_from_address(host: str, port: int) -> Upstream:
     return Upstream(host, port, b"", f"{host}:{port}".encode())
 
 
-StateListener = Callable[["Service", State, State, str], None]
+# (service, from_state, to_state, cause, reason, seconds spent in from_state)
+StateListener = Callable[["Service", State, State, str, str, float], None]
 
 
 class Service:
@@ -101,6 +102,10 @@ class Service:
             self.state = State.READY
         self.in_flight = 0
         self.waiting = 0
+        self.peak_waiting = 0
+        self._state_since = time.monotonic()
+        self._restored_state: str | None = None
+        self._restored_activity = False
         self.last_activity = time.monotonic()
         self.last_activity_wall = time.time()
         self.started_at: float | None = None
@@ -134,6 +139,8 @@ class Service:
             raise ShuttingDown("Hestia is shutting down", service=self.name)
         deadline = loop.time() + self.config.startup_timeout
         self.waiting += 1
+        if self.waiting > self.peak_waiting:
+            self.peak_waiting = self.waiting
         try:
             while not (self.state is State.READY and self.upstream is not None):
                 if self.state is State.STOPPING and self._stop_task is not None:
@@ -187,7 +194,7 @@ class Service:
         self._died = None
         self._changed.clear()
         self._cancel_idle()
-        self._transition(State.STARTING, reason)
+        self._transition(State.STARTING, reason, f"start asked by {reason}")
         t0 = loop.time()
         try:
             info = await self.backend.inspect(container)
@@ -203,7 +210,7 @@ class Service:
                 f"{self.config.startup_timeout:g}s; check its logs, or raise startup_timeout",
                 service=self.name,
             )
-            return self._fail(err)
+            return self._fail(err, reason)
         except InstanceNotFound as exc:
             return self._fail(
                 ServiceStartFailed(
@@ -211,22 +218,26 @@ class Service:
                     "create it (e.g. docker compose up --no-start) or fix `container`",
                     service=self.name,
                     detail={"backend_error": exc.message},
-                )
+                ),
+                reason,
             )
         except HestiaError as exc:
             exc.service = exc.service or self.name
-            return self._fail(exc)
+            return self._fail(exc, reason)
         self.started_at = time.time()
-        self._touch()
-        logger.info("service {} ready after {:.0f} ms", self.name, (loop.time() - t0) * 1000)
-        self._transition(State.READY, reason)
+        if reason != "adopted":
+            self._touch()
+        took_ms = (loop.time() - t0) * 1000
+        self._transition(State.READY, reason, f"ready after {took_ms:.0f} ms")
         self.last_error = None
-        self._schedule_idle(self.config.idle_timeout)
+        # an adopted service keeps the idle clock it had (restored across a restart)
+        remaining = self.last_activity + self.config.idle_timeout - time.monotonic()
+        self._schedule_idle(max(remaining, 0.0))
         return None
 
-    def _fail(self, err: HestiaError) -> HestiaError:
+    def _fail(self, err: HestiaError, cause: str) -> HestiaError:
         self.last_error = {**err.to_dict()["error"], "at": time.time()}
-        self._transition(State.FAILED, err.message)
+        self._transition(State.FAILED, cause, err.message)
         return err
 
     async def _wait_ready(self, info: InstanceInfo) -> None:
@@ -312,7 +323,7 @@ class Service:
             # must wait for the stop and start again, never take the fast path to a dying
             # container.
             self._cancel_idle()
-            self._transition(State.STOPPING, reason)
+            self._transition(State.STOPPING, reason, f"stop asked by {reason}")
             self._stop_task = asyncio.get_running_loop().create_task(
                 self._run_stop(reason), name=f"hestia-stop-{self.name}"
             )
@@ -325,17 +336,17 @@ class Service:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._start_task
         self._cancel_idle()
-        self._transition(State.STOPPING, reason)
+        self._transition(State.STOPPING, reason, f"stop asked by {reason}")
         try:
             await self.backend.stop(self.config.container, _STOP_TIMEOUT_S)
         except InstanceNotFound:
             pass
         except HestiaError as exc:
             logger.error("stopping service {} failed: {}", self.name, exc.message)
-            self._fail(exc)
+            self._fail(exc, reason)
             return
         self.started_at = None
-        self._transition(State.STOPPED, reason)
+        self._transition(State.STOPPED, reason, "container stopped")
 
     # ---------------------------------------------------------------- idle
     def _schedule_idle(self, delay: float) -> None:
@@ -371,11 +382,35 @@ class Service:
     def adopt(self, info: InstanceInfo) -> None:
         """Take over an instance found at start-up or by reconcile, without restarting it."""
         self.instance_id = info.id
+        restored, self._restored_state = self._restored_state, None
         if info.running and self.state in (State.STOPPED, State.FAILED):
-            self._touch()
+            if not self._restored_activity:
+                self._touch()
+            self._restored_activity = False
             self.ensure_started("adopted")
+        elif not info.running and restored == State.STARTING.value:
+            self._fail(
+                ServiceStartFailed(
+                    f"Hestia restarted while starting service {self.name!r} and its container "
+                    f"{info.name!r} is not running (exit code {info.exit_code}); the next "
+                    "request starts it again",
+                    service=self.name,
+                ),
+                "recovery",
+            )
         elif not info.running and self.state is State.READY:
-            self._transition(State.STOPPED, f"container {info.name!r} is not running")
+            self._transition(State.STOPPED, "external", f"container {info.name!r} is not running")
+
+    def restore(
+        self, state: str, last_activity_wall: float, last_error: dict[str, Any] | None
+    ) -> None:
+        """What the previous run of Hestia knew: the idle clock keeps running across a restart."""
+        idle_for = max(0.0, time.time() - last_activity_wall)
+        self.last_activity = time.monotonic() - idle_for
+        self.last_activity_wall = last_activity_wall
+        self.last_error = last_error
+        self._restored_state = state
+        self._restored_activity = True
 
     def on_event(self, event: BackendEvent) -> None:
         if event.kind == "health":
@@ -390,6 +425,7 @@ class Service:
                 self.started_at = None
                 self._transition(
                     State.STOPPED,
+                    "external",
                     f"container stopped outside Hestia (exit code {event.exit_code})",
                 )
         elif event.kind == "start":
@@ -398,23 +434,30 @@ class Service:
                 self._stop_task is None or self._stop_task.done()
             ):
                 self._touch()
-                self.ensure_started("container started outside Hestia")
+                self.ensure_started("external")
 
     # ---------------------------------------------------------------- misc
     def _touch(self) -> None:
         self.last_activity = time.monotonic()
         self.last_activity_wall = time.time()
 
-    def _transition(self, new: State, reason: str) -> None:
+    def _transition(self, new: State, cause: str, reason: str = "") -> None:
         old = self.state
         if old is new:
             return
+        now = time.monotonic()
+        spent, self._state_since = now - self._state_since, now
         self.state = new
-        logger.bind(service=self.name, from_state=old.value, to_state=new.value).info(
-            "service {} {} -> {} ({})", self.name, old.value, new.value, reason
-        )
+        logger.bind(
+            event="lifecycle",
+            service=self.name,
+            from_state=old.value,
+            to_state=new.value,
+            cause=cause,
+            reason=reason,
+        ).info("service {} {} -> {}: {}", self.name, old.value, new.value, reason or cause)
         if self._on_transition is not None:
-            self._on_transition(self, old, new, reason)
+            self._on_transition(self, old, new, cause, reason, spent)
 
     def shutdown(self) -> None:
         """Answer every held request with 503 and cancel timers; containers are left as they are."""
@@ -440,6 +483,7 @@ class Service:
             "startup_timeout_s": self.config.startup_timeout,
             "in_flight": self.in_flight,
             "waiting": self.waiting,
+            "peak_waiting": self.peak_waiting,
             "last_error": self.last_error,
             "started_at": self.started_at,
         }

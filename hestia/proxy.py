@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import re
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -17,8 +20,9 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
 from websockets.typing import Subprotocol
 
-from hestia.errors import HestiaError, UpstreamUnreachable
-from hestia.lifecycle import Service, Upstream
+from hestia.errors import HestiaError, ServiceNotFound, UpstreamUnreachable
+from hestia.lifecycle import Service, State, Upstream
+from hestia.metrics import Metrics
 from hestia.types import Receive, Scope, Send
 from hestia.upstream import UpstreamError, UpstreamPool
 
@@ -142,9 +146,17 @@ async def send_error(
 
 
 class Proxy:
-    def __init__(self, lookup: Callable[[str], Service], pool: UpstreamPool) -> None:
+    def __init__(
+        self,
+        lookup: Callable[[str], Service],
+        pool: UpstreamPool,
+        metrics: Metrics | None = None,
+        access_log: bool = True,
+    ) -> None:
         self._lookup = lookup
         self._pool = pool
+        self._metrics = metrics or Metrics()
+        self._access_log = access_log
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
@@ -152,30 +164,80 @@ class Proxy:
         if scope["type"] == "websocket":
             await self._websocket(scope, receive, send, parsed)
             return
-        if parsed is None:
-            from hestia.errors import ServiceNotFound
-
-            await send_error(
-                send, ServiceNotFound("no service name in the path: use /services/NAME/...")
-            )
-            return
-        name, path = parsed
+        t0 = time.perf_counter()
+        ex = _Exchange(_request_id(scope["headers"]))
+        name = parsed[0] if parsed is not None else ""
+        waited = 0.0
+        cold = False
         try:
+            if parsed is None:
+                raise ServiceNotFound("no service name in the path: use /services/NAME/...")
             service = self._lookup(name)
-            upstream = await service.acquire()
+            if service.state is not State.READY:
+                cold = True
+                upstream = await service.acquire()
+                waited = time.perf_counter() - t0
+                self._metrics.service(name).record_wait(waited)
+            else:
+                upstream = await service.acquire()
         except HestiaError as err:
-            logger.bind(service=name).warning(
-                "{} {} -> {}: {}", scope["method"], scope["path"], err.status, err.message
-            )
-            await send_error(send, err)
+            ex.status = err.status
+            if err.service is not None:  # a known service failed to start: count it
+                self._metrics.service(name).errors += 1
+            await send_error(send, err, [(b"x-request-id", ex.request_id)])
+            self._finish(scope, name, ex, t0, waited, cold, err.message)
             return
         try:
-            await self._forward(scope, receive, send, name, path, upstream)
+            await self._forward(scope, receive, send, name, parsed[1], upstream, ex)
         finally:
             service.release()
+            self._metrics.service(name).record(ex.status, ex.bytes_in, ex.bytes_out)
+            self._finish(scope, name, ex, t0, waited, cold, ex.error)
+
+    def _finish(
+        self,
+        scope: Scope,
+        name: str,
+        ex: _Exchange,
+        t0: float,
+        waited: float,
+        cold: bool,
+        error: str | None,
+    ) -> None:
+        if not self._access_log and error is None:
+            return
+        client = scope.get("client")
+        fields = {
+            "event": "access",
+            "request_id": ex.request_id.decode("latin-1"),
+            "service": name,
+            "method": scope["method"],
+            "path": scope["path"],
+            "status": ex.status,
+            "duration_ms": round((time.perf_counter() - t0) * 1000, 3),
+            "bytes_in": ex.bytes_in,
+            "bytes_out": ex.bytes_out,
+            "waited_ms": round(waited * 1000, 3),
+            "cold_start": cold,
+            "client": client[0] if client else None,
+        }
+        if error is not None:
+            fields["error"] = error
+            logger.bind(**fields).warning(
+                "{} {} -> {}: {}", scope["method"], scope["path"], ex.status, error
+            )
+        else:
+            logger.bind(**fields).info("{} {} -> {}", scope["method"], scope["path"], ex.status)
 
     async def _forward(
-        self, scope: Scope, receive: Receive, send: Send, name: str, path: bytes, upstream: Upstream
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        name: str,
+        path: bytes,
+        upstream: Upstream,
+        ex: _Exchange,
     ) -> None:
         query: bytes = scope.get("query_string", b"")
         target = upstream.base_path + path
@@ -189,9 +251,10 @@ class Proxy:
             scheme=scope.get("scheme", "http"),
             prefix=PREFIX + name.encode(),
         )
+        headers.append((b"x-request-id", ex.request_id))
         task = asyncio.current_task()
         assert task is not None
-        watch = _DisconnectWatch(receive, task, body_pending=has_body)
+        watch = _DisconnectWatch(receive, task, ex, body_pending=has_body)
         try:
             body = watch.request_body() if has_body else None
             try:
@@ -200,22 +263,29 @@ class Proxy:
                 )
             except UpstreamError as exc:
                 if watch.disconnected:
+                    ex.status = 499
                     return
                 err = UpstreamUnreachable(
                     f"service {name!r} at {upstream.display} did not answer: {exc.reason}",
                     service=name,
                 )
-                logger.bind(service=name).warning("proxy error: {}", err.message)
+                ex.status = err.status
+                ex.error = err.message
+                self._metrics.service(name).upstream_errors += 1
+                self._metrics.service(name).errors += 1
                 watch.stop()
-                await send_error(send, err)
+                await send_error(send, err, [(b"x-request-id", ex.request_id)])
                 return
             try:
                 resp_headers = downstream_response_headers(resp.headers)
+                resp_headers.append((b"x-request-id", ex.request_id))
+                ex.status = resp.status
                 await send(
                     {"type": "http.response.start", "status": resp.status, "headers": resp_headers}
                 )
                 if resp.has_body():
                     async for chunk in resp.read_chunks():
+                        ex.bytes_out += len(chunk)
                         await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 watch.stop()
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
@@ -223,13 +293,15 @@ class Proxy:
                 logger.bind(service=name).warning(
                     "upstream of {} broke off mid-response: {}", name, exc.reason
                 )
+                self._metrics.service(name).upstream_errors += 1
                 # the response has started: the only honest signal left is to cut the stream
                 raise
             finally:
                 await resp.aclose()
         except asyncio.CancelledError:
             if watch.disconnected and task.uncancel() == 0:
-                return  # the client went away; upstream connection is closed by now
+                ex.status = 499  # nginx's word for "client closed the request"
+                return  # the upstream connection is closed by now
             raise
         finally:
             watch.stop()
@@ -238,8 +310,6 @@ class Proxy:
     async def _websocket(
         self, scope: Scope, receive: Receive, send: Send, parsed: tuple[str, bytes] | None
     ) -> None:
-        from hestia.errors import ServiceNotFound
-
         if parsed is None:
             await self._ws_reject(scope, send, ServiceNotFound("no service name in the path"))
             return
@@ -368,6 +438,30 @@ async def _upstream_to_client(ws: ClientConnection, send: Send) -> None:
         await send({"type": "websocket.close", "code": code, "reason": ws.close_reason or ""})
 
 
+class _Exchange:
+    """What one proxied request did, for the access log and the metrics."""
+
+    __slots__ = ("bytes_in", "bytes_out", "error", "request_id", "status")
+
+    def __init__(self, request_id: bytes) -> None:
+        self.request_id = request_id
+        self.error: str | None = None
+        self.status = 0
+        self.bytes_in = 0
+        self.bytes_out = 0
+
+
+_SANE_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
+
+
+def _request_id(headers: list[tuple[bytes, bytes]]) -> bytes:
+    """The client's X-Request-ID when it is sane, else a new one."""
+    for key, value in headers:
+        if key == b"x-request-id" and _SANE_REQUEST_ID.fullmatch(value):
+            return value
+    return os.urandom(8).hex().encode()
+
+
 class _DisconnectWatch:
     """Notices a client going away during a long request and cancels the handler task.
 
@@ -375,10 +469,21 @@ class _DisconnectWatch:
     and its body has been read (uvicorn's receive() then returns only http.disconnect).
     """
 
-    __slots__ = ("_body_pending", "_handle", "_receive", "_task", "_watcher", "disconnected")
+    __slots__ = (
+        "_body_pending",
+        "_ex",
+        "_handle",
+        "_receive",
+        "_task",
+        "_watcher",
+        "disconnected",
+    )
 
-    def __init__(self, receive: Receive, task: asyncio.Task[Any], body_pending: bool) -> None:
+    def __init__(
+        self, receive: Receive, task: asyncio.Task[Any], ex: _Exchange, body_pending: bool
+    ) -> None:
         self._receive = receive
+        self._ex = ex
         self._task = task
         self._body_pending = body_pending
         self._watcher: asyncio.Task[None] | None = None
@@ -413,6 +518,7 @@ class _DisconnectWatch:
                     raise asyncio.CancelledError
                 body = msg.get("body", b"")
                 if body:
+                    self._ex.bytes_in += len(body)
                     yield body
                 if not msg.get("more_body", False):
                     return

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Callable
 from typing import Any
 
 from loguru import logger
@@ -31,27 +32,23 @@ class Registry:
         config: HestiaConfig,
         backend: Backend | None,
         on_transition: StateListener | None = None,
+        on_new_service: Callable[[Service], None] | None = None,
     ) -> None:
         self.config = config
         self.backend = backend
         self._on_transition = on_transition
+        self._on_new_service = on_new_service
         self.services: dict[str, Service] = {}
         self._by_instance: dict[str, Service] = {}  # instance id -> service
         self._tasks: list[asyncio.Task[None]] = []
         self._scope = config.docker.scope
-        for name, svc_config in config.static_services().items():
-            if svc_config.managed and backend is None:
-                logger.warning(
-                    "service {} names container {!r} but the Docker backend is disabled; "
-                    "it will fail to start",
-                    name,
-                    svc_config.container,
-                )
-            self.services[name] = self._new_service(svc_config)
 
     def _new_service(self, svc_config: Any) -> Service:
         networks = self.backend.self_networks if self.backend is not None else set
-        return Service(svc_config, self.backend, networks, self._on_transition)
+        svc = Service(svc_config, self.backend, networks, self._on_transition)
+        if self._on_new_service is not None:
+            self._on_new_service(svc)
+        return svc
 
     def get(self, name: str) -> Service:
         try:
@@ -66,6 +63,15 @@ class Registry:
 
     # ---------------------------------------------------------------- start-up
     async def start(self) -> None:
+        for name, svc_config in self.config.static_services().items():
+            if svc_config.managed and self.backend is None:
+                logger.warning(
+                    "service {} names container {!r} but the Docker backend is disabled; "
+                    "it will fail to start",
+                    name,
+                    svc_config.container,
+                )
+            self.services[name] = self._new_service(svc_config)
         if self.backend is None:
             return
         await self.reconcile()

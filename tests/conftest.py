@@ -183,25 +183,39 @@ def containers(docker_client: Any, busybox_image: str) -> Iterator[ContainerFact
 
 # ------------------------------------------------------------------ gateway
 class RunningGateway:
-    def __init__(self, gateway: Any, server: uvicorn.Server, port: int) -> None:
+    def __init__(
+        self, gateway: Any, server: uvicorn.Server, task: asyncio.Task[None], port: int
+    ) -> None:
         self.gateway = gateway
         self.server = server
+        self.task = task
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
+
+    async def stop(self) -> None:
+        """A clean shutdown, as on SIGTERM."""
+        self.gateway.begin_shutdown()
+        self.server.should_exit = True
+        await asyncio.wait_for(self.task, 20)
 
     def service(self, name: str) -> Any:
         return self.gateway.registry.get(name)
 
 
 @pytest.fixture
-async def gateway_factory() -> AsyncIterator[Callable[..., Awaitable[RunningGateway]]]:
-    """Start a real gateway (uvicorn on 127.0.0.1:random) with a config dict and a backend."""
+async def gateway_factory(
+    tmp_path: Path,
+) -> AsyncIterator[Callable[..., Awaitable[RunningGateway]]]:
+    """Start a real gateway (uvicorn on 127.0.0.1:random) with a config dict and a backend.
+
+    Each gateway gets its own SQLite file in the test's tmp_path unless the config names one."""
     from hestia.app import Gateway
 
     running: list[tuple[uvicorn.Server, asyncio.Task[None]]] = []
 
     async def start(raw_config: dict[str, Any], backend: Any = None) -> RunningGateway:
         raw_config.setdefault("docker", {}).setdefault("enabled", backend is not None)
+        raw_config.setdefault("database", {"url": f"sqlite:///{tmp_path}/hestia-{len(running)}.db"})
         config = parse_config(raw_config, source="test")
         gateway = Gateway(config, backend)
         port = free_port()
@@ -214,12 +228,14 @@ async def gateway_factory() -> AsyncIterator[Callable[..., Awaitable[RunningGate
         await wait_for(lambda: server.started or task.done(), 20, "the gateway to listen")
         if task.done():
             task.result()
-        return RunningGateway(gateway, server, port)
+        return RunningGateway(gateway, server, task, port)
 
     yield start
     for server, _ in running:
         server.should_exit = True
     for _, task in running:
+        if task.done():
+            continue
         try:
             await asyncio.wait_for(task, 15)
         except Exception:

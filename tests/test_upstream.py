@@ -65,15 +65,15 @@ class RawServer:
     async def __aexit__(self, *exc_info: object) -> None:
         assert self._server is not None
         self._server.close()
-        # Closing our side wakes every handler blocked on a read (EOF); cancel
-        # only what is still stuck after that.
+        # Aborting our side wakes every handler blocked on a read or a drain
+        # (also when the client stopped reading); cancel what is still stuck.
         for writer in self._writers:
-            writer.close()
+            writer.transport.abort()
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=DEADLINE)
         for task in list(self._tasks):
             task.cancel()
-        await self._server.wait_closed()
+        await asyncio.wait_for(self._server.wait_closed(), DEADLINE)
 
 
 async def read_head(reader: asyncio.StreamReader) -> tuple[bytes, dict[bytes, bytes], bytes]:

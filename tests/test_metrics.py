@@ -1,0 +1,148 @@
+"""Metrics after a known sequence of requests, as JSON and as Prometheus text (parsed with
+prometheus-client's own parser), and the JSON access log with request ids."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import ContainerFactory, free_port, wait_for
+
+
+@pytest.mark.docker
+async def test_metrics_after_cold_start_404_and_502(
+    containers: ContainerFactory, gateway_factory: Any, docker_backend: Any
+) -> None:
+    scope = "t-" + uuid.uuid4().hex[:8]
+    containers.create(
+        "met",
+        labels={"hestia.enable": "true", "hestia.scope": scope, "hestia.service": "web"},
+        env={"DELAY": "0.5"},
+    )
+    gw = await gateway_factory(
+        {
+            "docker": {"enabled": True, "scope": scope},
+            "services": {"dead": {"url": f"http://127.0.0.1:{free_port()}"}},
+        },
+        docker_backend,
+    )
+    async with httpx.AsyncClient(base_url=gw.url, timeout=30) as client:
+        assert (await client.get("/services/web/")).status_code == 200  # cold start
+        assert (await client.get("/services/web/index.html")).status_code == 200
+        assert (await client.get("/services/web/missing")).status_code == 404
+        assert (await client.post("/services/web/", content=b"12345")).status_code in (200, 501)
+        assert (await client.get("/services/dead/")).status_code == 502
+        snap = (await client.get("/v1/metrics")).json()
+        prom = (await client.get("/metrics")).text
+
+    web = snap["services"]["web"]
+    assert web["requests"]["2xx"] + web["requests"]["5xx"] == 3
+    assert web["requests"]["4xx"] == 1
+    assert web["requests_total"] == 4
+    assert web["cold_starts"] == 1
+    assert web["start_duration_s"]["count"] == 1
+    assert web["start_duration_s"]["p50"] >= 0.4  # the container's 0.5 s delay
+    assert web["wait_s"]["count"] == 1 and web["wait_s"]["total"] >= 0.4
+    assert web["bytes_in"] == 5
+    assert web["bytes_out"] > len("hello from busybox\n")
+    assert web["state"] == "ready" and web["in_flight"] == 0
+    assert 0 < web["uptime_share"] <= 1
+    dead = snap["services"]["dead"]
+    assert dead["requests"]["5xx"] == 1 and dead["errors"] == 1 and dead["upstream_errors"] == 1
+    assert snap["totals"]["requests"] == 5
+    assert snap["totals"]["cold_starts"] == 1
+
+    families = {f.name: f for f in text_string_to_metric_families(prom)}
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for f in families.values()
+        for s in f.samples
+    }
+    assert samples[("hestia_requests_total", (("class", "4xx"), ("service", "web")))] == 1
+    assert samples[("hestia_requests_total", (("class", "5xx"), ("service", "dead")))] == 1
+    assert samples[("hestia_cold_starts_total", (("service", "web"),))] == 1
+    assert samples[("hestia_errors_total", (("service", "dead"),))] == 1
+    assert samples[("hestia_start_duration_seconds_count", (("service", "web"),))] == 1
+    assert samples[("hestia_service_ready", (("service", "web"),))] == 1
+    assert samples[("hestia_bytes_in_total", (("service", "web"),))] == 5
+
+
+async def test_json_access_log_carries_the_request_id(tmp_path: Path) -> None:
+    cfg = tmp_path / "hestia_config.yml"
+    cfg.write_text(
+        "docker: {enabled: false}\n"
+        f"database: {{url: 'sqlite:///{tmp_path}/h.db'}}\n"
+        f"services:\n  dead:\n    url: http://127.0.0.1:{free_port()}\n"
+    )
+    port = free_port()
+    proc = subprocess.Popen(  # noqa: ASYNC220 - the gateway under test, a child process
+        [sys.executable, "-m", "hestia", "serve", "--config", str(cfg), "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env={k: v for k, v in os.environ.items() if k != "HESTIA_LOG_FORMAT"},
+    )
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+
+            async def up() -> bool:
+                try:
+                    return (await client.get("/v1/health")).status_code == 200
+                except httpx.TransportError:
+                    return False
+
+            await wait_for(up, 30, "hestia to serve")
+            given = await client.get("/services/dead/x?y=1", headers={"X-Request-ID": "abc-123"})
+            made = await client.get("/services/nope/")
+            insane = await client.get("/services/nope/", headers={"X-Request-ID": "a b\t<c>"})
+    finally:
+        proc.terminate()
+        out, _ = proc.communicate(timeout=20)
+    assert given.status_code == 502 and given.headers["x-request-id"] == "abc-123"
+    generated = made.headers["x-request-id"]
+    assert len(generated) == 16
+    assert insane.headers["x-request-id"] not in ("a b\t<c>", generated)
+    lines = [json.loads(line) for line in out.decode().splitlines() if line.startswith("{")]
+    access = {line["request_id"]: line for line in lines if line.get("event") == "access"}
+    line = access["abc-123"]
+    assert line["service"] == "dead"
+    assert line["method"] == "GET"
+    assert line["path"] == "/services/dead/x"
+    assert line["status"] == 502
+    assert line["duration_ms"] >= 0 and line["waited_ms"] == 0
+    assert line["cold_start"] is False
+    assert line["client"] == "127.0.0.1"
+    assert "did not answer" in line["error"]
+    assert access[generated]["status"] == 404
+    assert all({"ts", "level", "msg"} <= set(line) for line in lines)
+    # uvicorn's own lines go through the same JSON sink
+    assert any(
+        "Uvicorn running" in line["msg"] or "Started server" in line["msg"] for line in lines
+    )
+
+
+async def test_grafana_example_only_uses_metrics_hestia_exports(gateway_factory: Any) -> None:
+    import re
+
+    dashboard = json.loads(
+        (Path(__file__).parent.parent / "examples" / "grafana-dashboard.json").read_text()
+    )
+    gw = await gateway_factory({"services": {"x": {"url": "http://127.0.0.1:9"}}})
+    async with httpx.AsyncClient(base_url=gw.url) as client:
+        prom = (await client.get("/metrics")).text
+    exported = {s.name for f in text_string_to_metric_families(prom) for s in f.samples}
+    used = {
+        name
+        for panel in dashboard["panels"]
+        for target in panel["targets"]
+        for name in re.findall(r"hestia_[a-z_]+", target["expr"])
+    }
+    assert used and used <= exported, used - exported

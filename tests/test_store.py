@@ -1,0 +1,138 @@
+"""State in a real SQLite file: schema, batching, and what survives a restart of Hestia."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from hestia.store import SCHEMA_VERSION, EventRow, ServiceRow, Store
+from tests.conftest import ContainerFactory, wait_for
+
+
+async def test_schema_created_once_wal_and_versioned(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/sub/hestia.db"
+    store = Store(url)
+    store.migrate()
+    store.migrate()  # idempotent: a second start changes nothing
+    assert store.schema_version() == SCHEMA_VERSION
+    assert {"hestia_event", "hestia_meta", "hestia_service"} <= set(store.tables())
+    store.start()
+    store.record_event(
+        EventRow(
+            service="a",
+            at=1.0,
+            from_state="stopped",
+            to_state="starting",
+            cause="request",
+            reason="",
+        )
+    )
+    store.snapshot_service(ServiceRow(name="a", state="starting", last_activity=123.0))
+    await store.close()  # a clean shutdown writes what was queued
+    with sqlite3.connect(tmp_path / "sub" / "hestia.db") as db:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert db.execute("SELECT service, to_state FROM hestia_event").fetchall() == [
+            ("a", "starting")
+        ]
+    again = Store(url)
+    again.migrate()
+    assert again.load_services()["a"].last_activity == 123.0
+    again.engine.dispose()
+
+
+def test_newer_schema_is_refused(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path}/h.db"
+    store = Store(url)
+    store.migrate()
+    with sqlite3.connect(tmp_path / "h.db") as db:
+        db.execute("UPDATE hestia_meta SET value='999' WHERE key='schema_version'")
+    with pytest.raises(RuntimeError, match="newer than this Hestia"):
+        store.migrate()
+    store.engine.dispose()
+
+
+def _labels(scope: str, name: str, idle: str) -> dict[str, str]:
+    return {
+        "hestia.enable": "true",
+        "hestia.scope": scope,
+        "hestia.service": name,
+        "hestia.idle_timeout": idle,
+    }
+
+
+@pytest.mark.docker
+async def test_restart_keeps_the_idle_clock(
+    containers: ContainerFactory, gateway_factory: Any, docker_backend: Any, tmp_path: Path
+) -> None:
+    scope = "t-" + uuid.uuid4().hex[:8]
+    c = containers.create("keep", labels=_labels(scope, "keep", "6s"))
+    cfg = {
+        "docker": {"enabled": True, "scope": scope},
+        "database": {"url": f"sqlite:///{tmp_path}/restart.db"},
+    }
+    first = await gateway_factory(dict(cfg), docker_backend)
+    async with httpx.AsyncClient(base_url=first.url, timeout=30) as client:
+        assert (await client.get("/services/keep/")).status_code == 200
+    last_request = time.monotonic()
+    await asyncio.sleep(3)  # half the idle period passes, then Hestia restarts
+    await first.stop()
+    assert containers.state(c) == "running"  # a restart of the gateway never stops services
+    from hestia.backends.docker import DockerBackend
+
+    second = await gateway_factory(dict(cfg), DockerBackend())
+    await wait_for(lambda: second.service("keep").state == "ready", 10, "adoption")
+    await wait_for(lambda: containers.state(c) == "exited", 20, "the idle stop")
+    stopped_after = time.monotonic() - last_request
+    # stopped ~6 s after the last request, not 6 s after the restart (which would be >= 9 s)
+    assert 5.5 <= stopped_after < 8.5, stopped_after
+    async with httpx.AsyncClient(base_url=second.url, timeout=30) as client:
+        events = (await client.get("/v1/services/keep/events?limit=20")).json()["events"]
+    transitions = [(e["from_state"], e["to_state"], e["cause"]) for e in reversed(events)]
+    assert ("stopped", "starting", "request") in transitions
+    assert ("starting", "ready", "request") in transitions
+    assert ("ready", "stopping", "idle") in transitions
+    assert transitions[-1] == ("stopping", "stopped", "idle")
+    ready = next(e for e in events if e["to_state"] == "ready" and e["cause"] == "request")
+    assert ready["duration_ms"] > 0  # the start took time, and it is recorded
+
+
+@pytest.mark.docker
+async def test_start_in_progress_when_hestia_died_is_not_left_starting(
+    containers: ContainerFactory, gateway_factory: Any, docker_backend: Any, tmp_path: Path
+) -> None:
+    scope = "t-" + uuid.uuid4().hex[:8]
+    c = containers.create("died", labels=_labels(scope, "died", "10m"), env={"DELAY": "60"})
+    db = tmp_path / "died.db"
+    cfg = {"docker": {"enabled": True, "scope": scope}, "database": {"url": f"sqlite:///{db}"}}
+    first = await gateway_factory(dict(cfg), docker_backend)
+    async with httpx.AsyncClient(base_url=first.url, timeout=30) as client:
+        await client.post("/v1/services/died/start")
+    await wait_for(lambda: containers.state(c) == "running", 10, "the container to run")
+
+    def stored_state() -> str | None:
+        with sqlite3.connect(db) as conn:
+            row = conn.execute("SELECT state FROM hestia_service WHERE name='died'").fetchone()
+        return row[0] if row else None
+
+    await wait_for(lambda: stored_state() == "starting", 5, "the start to be stored")
+    # Hestia dies (no clean shutdown: the task is cancelled, nothing more is written) and the
+    # container dies with it
+    first.server.should_exit = True
+    first.server.force_exit = True
+    first.gateway.store._task.cancel()
+    c.kill()
+    await first.stop()
+    from hestia.backends.docker import DockerBackend
+
+    second = await gateway_factory(dict(cfg), DockerBackend())
+    svc = second.service("died")
+    await wait_for(lambda: svc.state == "failed", 10, "recovery")
+    assert svc.last_error is not None
+    assert "Hestia restarted while starting" in svc.last_error["message"]
