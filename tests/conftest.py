@@ -49,6 +49,19 @@ async def wait_for(
         await asyncio.sleep(0.02)
 
 
+async def wait_http_ok(client: Any, path: str, timeout: float = 30.0) -> None:
+    """Wait until `GET path` answers 200 (a gateway process coming up)."""
+    import httpx
+
+    async def ok() -> bool:
+        try:
+            return bool((await client.get(path)).status_code == 200)
+        except httpx.TransportError:
+            return False
+
+    await wait_for(ok, timeout, f"GET {path} to answer 200")
+
+
 # ------------------------------------------------------------------ docker
 _STREAM_CGI = """#!/bin/sh
 echo "Content-Type: application/x-ndjson"

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import ContainerFactory, free_port, wait_for
+from tests.conftest import ContainerFactory, free_port, wait_for, wait_http_ok
 
 
 def test_invalid_config_stops_startup_with_a_clear_message(tmp_path: Path) -> None:
@@ -42,7 +42,10 @@ async def test_sigterm_answers_held_requests_and_leaves_containers(
         env={"DELAY": "60"},
     )
     cfg = tmp_path / "hestia_config.yml"
-    cfg.write_text(f"docker:\n  scope: {scope}\nserver:\n  shutdown_grace: 10s\n")
+    cfg.write_text(
+        f"docker:\n  scope: {scope}\nserver:\n  shutdown_grace: 10s\n"
+        f"database:\n  url: sqlite:///{tmp_path}/h.db\n"
+    )
     port = free_port()
     proc = subprocess.Popen(  # noqa: ASYNC220 - a child that outlives this coroutine
         [sys.executable, "-m", "hestia", "serve", "--config", str(cfg), "--port", str(port)],
@@ -52,14 +55,7 @@ async def test_sigterm_answers_held_requests_and_leaves_containers(
     )
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
-
-            async def up() -> bool:
-                try:
-                    return (await client.get("/v1/services/slow/status")).status_code == 200
-                except httpx.TransportError:
-                    return False
-
-            await wait_for(up, 30, "hestia to serve")
+            await wait_http_ok(client, "/v1/services/slow/status")
             held = asyncio.create_task(client.get("/services/slow/"))
 
             async def waiting() -> bool:

@@ -15,7 +15,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import ContainerFactory, free_port, wait_for
+from tests.conftest import ContainerFactory, free_port, wait_http_ok
 
 
 @pytest.mark.docker
@@ -92,14 +92,7 @@ async def test_json_access_log_carries_the_request_id(tmp_path: Path) -> None:
     )
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
-
-            async def up() -> bool:
-                try:
-                    return (await client.get("/v1/health")).status_code == 200
-                except httpx.TransportError:
-                    return False
-
-            await wait_for(up, 30, "hestia to serve")
+            await wait_http_ok(client, "/v1/health")
             given = await client.get("/services/dead/x?y=1", headers={"X-Request-ID": "abc-123"})
             made = await client.get("/services/nope/")
             insane = await client.get("/services/nope/", headers={"X-Request-ID": "a b\t<c>"})

@@ -136,3 +136,57 @@ async def test_start_in_progress_when_hestia_died_is_not_left_starting(
     await wait_for(lambda: svc.state == "failed", 10, "recovery")
     assert svc.last_error is not None
     assert "Hestia restarted while starting" in svc.last_error["message"]
+
+
+@pytest.mark.docker
+async def test_hestia_killed_during_a_start_the_next_run_finishes_it(
+    containers: ContainerFactory, gateway_factory: Any, tmp_path: Path
+) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    from tests.conftest import free_port, wait_http_ok
+
+    scope = "t-" + uuid.uuid4().hex[:8]
+    c = containers.create("kill9", labels=_labels(scope, "kill9", "10m"), env={"DELAY": "4"})
+    db = tmp_path / "kill9.db"
+    cfg_file = tmp_path / "hestia_config.yml"
+    cfg_file.write_text(f"docker: {{scope: {scope}}}\ndatabase: {{url: 'sqlite:///{db}'}}\n")
+    port = free_port()
+    proc = subprocess.Popen(  # noqa: ASYNC220 - the gateway under test, killed below
+        [sys.executable, "-m", "hestia", "serve", "--config", str(cfg_file), "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+            await wait_http_ok(client, "/v1/health")
+            await client.post("/v1/services/kill9/start")
+
+        def stored_state() -> str | None:
+            with sqlite3.connect(db) as conn:
+                row = conn.execute("SELECT state FROM hestia_service WHERE name='kill9'").fetchone()
+            return row[0] if row else None
+
+        await wait_for(lambda: stored_state() == "starting", 5, "the start to be stored")
+        proc.send_signal(signal.SIGKILL)  # no shutdown code runs at all
+        proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert containers.state(c) == "running"
+    from hestia.backends.docker import DockerBackend
+
+    gw = await gateway_factory(
+        {"docker": {"enabled": True, "scope": scope}, "database": {"url": f"sqlite:///{db}"}},
+        DockerBackend(),
+    )
+    svc = gw.service("kill9")
+    assert svc.state == "starting"  # adopted mid-start, not restarted
+    await wait_for(lambda: svc.state == "ready", 15, "the start to be finished")
+    async with httpx.AsyncClient(base_url=gw.url, timeout=10) as client:
+        assert (await client.get("/services/kill9/")).status_code == 200
+    c.reload()
+    assert c.attrs["RestartCount"] == 0
