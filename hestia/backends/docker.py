@@ -209,11 +209,15 @@ class DockerBackend:
         stop = threading.Event()
 
         def pump() -> None:
+            since: int | None = None  # after a reconnect, resume where the stream broke off
             while not stop.is_set() and not self._closed:
                 try:
-                    stream = self._client.events(decode=True, filters={"type": "container"})
+                    stream = self._client.events(
+                        decode=True, filters={"type": "container"}, since=since
+                    )
                     self._event_streams.append(stream)
                     for raw in stream:
+                        since = raw.get("time", since)
                         ev = _event_from_raw(raw)
                         if ev is not None:
                             loop.call_soon_threadsafe(queue.put_nowait, ev)
