@@ -43,6 +43,8 @@ class ServiceStatus(BaseModel):
     in_flight: int
     waiting: int
     peak_waiting: int
+    queued: int
+    max_concurrency: int | None
     last_error: dict[str, Any] | None
     started_at: float | None
 

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import gc
 import os
 import sys
 from types import FrameType
+from typing import Any
 
 import uvicorn
 from loguru import logger
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from hestia import __version__
 from hestia.backends.base import Backend
@@ -30,6 +34,77 @@ class _Server(uvicorn.Server):
         if callable(callback):
             callback()
         super().handle_exit(sig, frame)
+
+
+class _CoalescingTransport:
+    """A client transport that sends everything written in one event-loop step at once.
+
+    uvicorn writes a response head and its body separately, so a small proxied response costs
+    two send() calls and two TCP segments; here they become one (writes are buffered and
+    flushed at the end of the current loop iteration, in order). Everything else is the real
+    transport's. Only for plain HTTP: a WebSocket upgrade gets the real transport.
+    """
+
+    __slots__ = ("_buf", "_loop", "_t")
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._t = transport
+        self._loop = loop
+        self._buf: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        if not data:
+            return
+        buf = self._buf
+        if not buf:
+            self._loop.call_soon(self._flush)
+        buf.append(data)
+
+    def writelines(self, lines: Any) -> None:
+        for data in lines:
+            self.write(data)
+
+    def _flush(self) -> None:
+        buf = self._buf
+        if not buf:
+            return
+        self._buf = []
+        if len(buf) == 1:
+            self._t.write(buf[0])
+        else:
+            self._t.writelines(buf)
+
+    def close(self) -> None:
+        self._flush()
+        self._t.close()
+
+    def write_eof(self) -> None:
+        self._flush()
+        self._t.write_eof()
+
+    def abort(self) -> None:
+        self._buf = []
+        self._t.abort()
+
+    def get_write_buffer_size(self) -> int:
+        return self._t.get_write_buffer_size() + sum(len(b) for b in self._buf)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._t, name)
+
+
+class _HttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol on a _CoalescingTransport."""
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        self._real_transport = transport
+        wrapped: Any = _CoalescingTransport(transport, self.loop)
+        super().connection_made(wrapped)
+
+    def handle_websocket_upgrade(self) -> None:
+        self.transport._flush()  # type: ignore[attr-defined]
+        self.transport = self._real_transport
+        super().handle_websocket_upgrade()
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -63,6 +138,8 @@ def _serve(args: argparse.Namespace) -> int:
         gateway,
         host=host,
         port=port,
+        loop="uvloop",
+        http=_HttpProtocol,
         lifespan="on",
         log_config=None,
         access_log=False,
@@ -72,6 +149,8 @@ def _serve(args: argparse.Namespace) -> int:
         timeout_keep_alive=30,
     )
     server = _Server(uv_config, gateway.begin_shutdown)
+    gc.collect()
+    gc.freeze()  # everything built so far is permanent: later collections skip it
     logger.info("Hestia {} listening on http://{}:{}", __version__, host, port)
     server.run()
     return 0 if server.started else 1

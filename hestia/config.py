@@ -89,6 +89,9 @@ class ServiceConfig(_Strict):
     idle_timeout: Duration = 600.0
     startup_timeout: Duration = 120.0
     health: HealthConfig = HealthConfig()
+    # At most this many requests (and WebSockets) at once go to the service; more wait in
+    # line (FIFO, at most startup_timeout, then 503 service_busy). None: no limit.
+    max_concurrency: int | None = Field(default=None, ge=1)
 
     @property
     def managed(self) -> bool:
@@ -130,12 +133,14 @@ class _ServiceEntry(_Strict):
     port: int | None = Field(default=None, ge=1, le=65535)
     idle_timeout: Duration | None = None
     startup_timeout: Duration | None = None
+    max_concurrency: int | None = None
     health: dict[str, Any] | None = None
 
 
 class _Defaults(_Strict):
     idle_timeout: Duration | None = None
     startup_timeout: Duration | None = None
+    max_concurrency: int | None = None
     health: dict[str, Any] | None = None
 
 
@@ -190,6 +195,7 @@ _LABEL_KEYS = {
     "port": "port",
     "idle_timeout": "idle_timeout",
     "startup_timeout": "startup_timeout",
+    "max_concurrency": "max_concurrency",
     "health.path": "health.path",
     "health.status": "health.status",
     "health.type": "health.type",

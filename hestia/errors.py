@@ -5,7 +5,8 @@ HestiaError
  +-- ServiceNotFound          404  service_not_found
  +-- ServiceStartFailed       503  start_failed      (container exited, health check failed, ...)
  +-- ServiceStartTimeout      504  start_timeout     (not ready within startup_timeout)
- +-- ServiceUnavailable       503  shutting_down / service_stopping
+ +-- ServiceUnavailable       503  shutting_down
+ +-- ServiceBusy              503  service_busy      (every max_concurrency slot taken too long)
  +-- UpstreamUnreachable      502  upstream_unreachable (refused, reset, bad response)
  +-- BackendError             502  backend_error     (Docker said no)
  +-- BadRequest               400  bad_request
@@ -72,6 +73,11 @@ class ServiceUnavailable(HestiaError):
 
 class ShuttingDown(ServiceUnavailable):
     code = "shutting_down"
+
+
+class ServiceBusy(HestiaError):
+    status = 503
+    code = "service_busy"
 
 
 class UpstreamUnreachable(HestiaError):

@@ -31,6 +31,7 @@ from hestia.backends.base import (
 from hestia.config import ServiceConfig
 from hestia.errors import (
     HestiaError,
+    ServiceBusy,
     ServiceStartFailed,
     ServiceStartTimeout,
     ShuttingDown,
@@ -102,6 +103,9 @@ class Service:
             self.state = State.READY
         self.in_flight = 0
         self.waiting = 0
+        self.queued = 0  # waiting for a max_concurrency slot
+        limit = config.max_concurrency
+        self._slots: asyncio.Semaphore | None = asyncio.Semaphore(limit) if limit else None
         self.peak_waiting = 0
         self._state_since = time.monotonic()
         self._restored_state: str | None = None
@@ -121,14 +125,46 @@ class Service:
     # ---------------------------------------------------------------- hot path
     async def acquire(self) -> Upstream:
         """Reserve a slot for one request; wait for a start when needed. Pair with release()."""
-        if self.state is State.READY and self.upstream is not None:
-            self.in_flight += 1
-            return self.upstream
-        return await self._acquire_slow()
+        if self._slots is None:
+            if self.state is State.READY and self.upstream is not None:
+                self.in_flight += 1
+                return self.upstream
+            return await self._acquire_slow()
+        await self._take_slot()
+        try:
+            if self.state is State.READY and self.upstream is not None:
+                self.in_flight += 1
+                return self.upstream
+            return await self._acquire_slow()
+        except BaseException:
+            self._slots.release()
+            raise
 
     def release(self) -> None:
         self.in_flight -= 1
         self.last_activity = time.monotonic()
+        if self._slots is not None:
+            self._slots.release()
+
+    async def _take_slot(self) -> None:
+        """With max_concurrency: wait (FIFO, at most startup_timeout) for a free slot."""
+        assert self._slots is not None
+        if not self._slots.locked():
+            await self._slots.acquire()
+            return
+        self.queued += 1
+        try:
+            async with asyncio.timeout(self.config.startup_timeout):
+                await self._slots.acquire()
+        except TimeoutError:
+            raise ServiceBusy(
+                f"service {self.name!r} had all {self.config.max_concurrency} of its "
+                f"max_concurrency slots busy for {self.config.startup_timeout:g}s; retry later "
+                "or raise max_concurrency",
+                service=self.name,
+            ) from None
+        finally:
+            self.queued -= 1
 
     # ---------------------------------------------------------------- waiting
     async def _acquire_slow(self) -> Upstream:
@@ -364,7 +400,7 @@ class Service:
         self._idle_handle = None
         if self.state is not State.READY:
             return
-        if self.in_flight or self.waiting:
+        if self.in_flight or self.waiting or self.queued:
             self._schedule_idle(self.config.idle_timeout)
             return
         remaining = self.last_activity + self.config.idle_timeout - time.monotonic()
@@ -484,6 +520,8 @@ class Service:
             "in_flight": self.in_flight,
             "waiting": self.waiting,
             "peak_waiting": self.peak_waiting,
+            "queued": self.queued,
+            "max_concurrency": self.config.max_concurrency,
             "last_error": self.last_error,
             "started_at": self.started_at,
         }

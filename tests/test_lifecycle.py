@@ -11,7 +11,7 @@ import pytest
 
 from hestia.backends.base import BackendEvent, InstanceInfo, InstanceNotFound
 from hestia.config import parse_config
-from hestia.errors import ServiceStartFailed, ServiceStartTimeout, ShuttingDown
+from hestia.errors import ServiceBusy, ServiceStartFailed, ServiceStartTimeout, ShuttingDown
 from hestia.lifecycle import Service, State
 from tests.conftest import wait_for
 
@@ -216,3 +216,22 @@ async def test_plain_url_service_is_always_ready() -> None:
     assert (up.host, up.port, up.base_path) == ("127.0.0.1", 9, b"/x")
     assert svc.request_stop("idle") is None
     assert svc.status()["backend"] == "url"
+
+
+async def test_max_concurrency_queues_then_503_when_slots_stay_busy(backend: MemoryBackend) -> None:
+    svc = _service(backend, max_concurrency=2, startup_timeout="0.5s")
+    await svc.acquire()
+    await svc.acquire()
+    third = asyncio.create_task(svc.acquire())
+    await wait_for(lambda: svc.queued == 1, 2, "a queued request")
+    assert svc.in_flight == 2
+    svc.release()  # a slot frees up: the queued request gets it
+    await asyncio.wait_for(third, 2)
+    assert svc.in_flight == 2 and svc.queued == 0
+    with pytest.raises(ServiceBusy) as exc:
+        await svc.acquire()  # nothing frees up within startup_timeout
+    assert exc.value.status == 503 and exc.value.code == "service_busy"
+    assert svc.queued == 0
+    svc.release()
+    svc.release()
+    assert svc.in_flight == 0

@@ -329,6 +329,24 @@ async def test_response_trickled_byte_by_byte(pool: UpstreamPool) -> None:
         assert srv.connections == 1
 
 
+async def test_bare_lf_line_endings_are_accepted(pool: UpstreamPool) -> None:
+    """Some upstreams (busybox httpd passing CGI headers through) end lines with LF only."""
+
+    async def handler(reader: Reader, writer: Writer, _: int) -> None:
+        await read_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\nContent-Length: 2\n\nok")
+        await read_head(reader)
+        writer.write(response(b"next"))
+        await wait_eof(reader)
+
+    async with RawServer(handler) as srv:
+        resp = await get(pool, srv.port)
+        assert resp.headers == [(b"content-type", b"text/plain"), (b"content-length", b"2")]
+        assert await read_body(resp) == b"ok"
+        assert await read_body(await get(pool, srv.port)) == b"next"
+        assert srv.connections == 1
+
+
 async def test_malformed_response(pool: UpstreamPool) -> None:
     async def handler(reader: Reader, writer: Writer, _: int) -> None:
         await read_head(reader)
