@@ -200,6 +200,8 @@ class Service:
                         service=self.name,
                         detail={"state": self.state.value},
                     )
+                if task.cancelled():
+                    continue  # a stop (API) cancelled the start: wait for it, then start again
                 result = task.result()
                 if isinstance(result, HestiaError):
                     raise result

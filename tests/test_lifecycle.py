@@ -235,3 +235,16 @@ async def test_max_concurrency_queues_then_503_when_slots_stay_busy(backend: Mem
     svc.release()
     svc.release()
     assert svc.in_flight == 0
+
+
+async def test_stop_during_a_start_does_not_cancel_held_requests(backend: MemoryBackend) -> None:
+    backend.start_delay = 0.5
+    svc = _service(backend)
+    held = asyncio.create_task(svc.acquire())
+    await wait_for(lambda: svc.state is State.STARTING, 2, "starting")
+    stop = svc.request_stop("api")
+    assert stop is not None
+    up = await asyncio.wait_for(held, 5)  # waits out the stop, then a new start serves it
+    assert up.port == backend.port
+    assert svc.state is State.READY
+    assert backend.stops == 1 and backend.starts == 2
