@@ -120,7 +120,7 @@ class Service:
         self._idle_handle: asyncio.TimerHandle | None = None
         self._changed = asyncio.Event()  # an instance event arrived during a start
         self._died: BackendEvent | None = None
-        self._closing: asyncio.Future[None] | None = None
+        self._closing: asyncio.Future[str] | None = None  # result: why held requests end
 
     # ---------------------------------------------------------------- hot path
     async def acquire(self) -> Upstream:
@@ -172,7 +172,7 @@ class Service:
         if self._closing is None:
             self._closing = loop.create_future()
         if self._closing.done():
-            raise ShuttingDown("Hestia is shutting down", service=self.name)
+            raise ShuttingDown(self._closing.result(), service=self.name)
         deadline = loop.time() + self.config.startup_timeout
         self.waiting += 1
         if self.waiting > self.peak_waiting:
@@ -188,10 +188,7 @@ class Service:
                     (task, self._closing), timeout=max(remaining, 0), return_when="FIRST_COMPLETED"
                 )
                 if self._closing in done:
-                    raise ShuttingDown(
-                        f"Hestia is shutting down; the request for {self.name!r} was not served",
-                        service=self.name,
-                    )
+                    raise ShuttingDown(self._closing.result(), service=self.name)
                 if not done:
                     raise ServiceStartTimeout(
                         f"service {self.name!r} was not ready within its startup_timeout "
@@ -497,12 +494,14 @@ class Service:
         if self._on_transition is not None:
             self._on_transition(self, old, new, cause, reason, spent)
 
-    def shutdown(self) -> None:
+    def shutdown(self, why: str = "") -> None:
         """Answer every held request with 503 and cancel timers; containers are left as they are."""
         if self._closing is None:
             self._closing = asyncio.get_running_loop().create_future()
         if not self._closing.done():
-            self._closing.set_result(None)
+            self._closing.set_result(
+                why or f"Hestia is shutting down; the request for {self.name!r} was not served"
+            )
         self._cancel_idle()
         for task in (self._start_task, self._stop_task):
             if task is not None and not task.done():

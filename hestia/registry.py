@@ -160,7 +160,7 @@ class Registry:
             del self.services[svc.name]
         for key in [k for k, v in self._by_instance.items() if v is svc]:
             del self._by_instance[key]
-        svc.shutdown()
+        svc.shutdown(f"service {svc.name!r} was removed: {why}")
         logger.info("service {} removed: {}", svc.name, why)
 
     # ---------------------------------------------------------------- events
