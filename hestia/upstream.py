@@ -451,6 +451,12 @@ class UpstreamResponse:
             except Exception:  # pragma: no cover - e.g. its loop is closed already
                 pass
 
+    @property
+    def complete(self) -> bool:
+        """True once the whole body has been received and handed out (the connection is back
+        in the pool): the chunk just read, if any, was the last one."""
+        return self._conn is None
+
     def has_body(self) -> bool:
         """False for responses that cannot carry a body (HEAD, 1xx, 204, 304)."""
         return self._has_body

@@ -20,6 +20,7 @@ import uvicorn
 
 from hestia.config import parse_config
 from hestia.logs import setup_logging
+from hestia.server import build_server
 
 TEST_LABEL = "hestia.test"
 RUN_ID = uuid.uuid4().hex[:8]
@@ -232,9 +233,9 @@ async def gateway_factory(
         config = parse_config(raw_config, source="test")
         gateway = Gateway(config, backend)
         port = free_port()
-        server = uvicorn.Server(
-            uvicorn.Config(gateway, host="127.0.0.1", port=port, lifespan="on", log_config=None)
-        )
+        # the same server and protocol class as `hestia serve` (loop choice aside: the test's
+        # event loop is used)
+        server = build_server(gateway, "127.0.0.1", port, shutdown_grace=5)
         server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
         task = asyncio.create_task(server.serve())
         running.append((server, task))

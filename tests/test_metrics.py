@@ -3,6 +3,7 @@ prometheus-client's own parser), and the JSON access log with request ids."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -76,12 +77,27 @@ async def test_metrics_after_cold_start_404_and_502(
     assert samples[("hestia_bytes_in_total", (("service", "web"),))] == 5
 
 
+async def _answer_ok(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            if b"content-length: 3" in head.lower():
+                await reader.readexactly(3)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+    except (asyncio.IncompleteReadError, ConnectionError):
+        writer.close()
+
+
 async def test_json_access_log_carries_the_request_id(tmp_path: Path) -> None:
+    upstream = await asyncio.start_server(_answer_ok, "127.0.0.1", 0)
+    up_port = upstream.sockets[0].getsockname()[1]
     cfg = tmp_path / "hestia_config.yml"
     cfg.write_text(
         "docker: {enabled: false}\n"
         f"database: {{url: 'sqlite:///{tmp_path}/h.db'}}\n"
         f"services:\n  dead:\n    url: http://127.0.0.1:{free_port()}\n"
+        f"  ok:\n    url: http://127.0.0.1:{up_port}\n"
     )
     port = free_port()
     proc = subprocess.Popen(  # noqa: ASYNC220 - the gateway under test, a child process
@@ -96,9 +112,13 @@ async def test_json_access_log_carries_the_request_id(tmp_path: Path) -> None:
             given = await client.get("/services/dead/x?y=1", headers={"X-Request-ID": "abc-123"})
             made = await client.get("/services/nope/")
             insane = await client.get("/services/nope/", headers={"X-Request-ID": "a b\t<c>"})
+            ok = await client.post(
+                "/services/ok/p", content=b"abc", headers={"X-Request-ID": "ok-1"}
+            )
     finally:
         proc.terminate()
         out, _ = proc.communicate(timeout=20)
+        upstream.close()
     assert given.status_code == 502 and given.headers["x-request-id"] == "abc-123"
     generated = made.headers["x-request-id"]
     assert len(generated) == 16
@@ -115,6 +135,12 @@ async def test_json_access_log_carries_the_request_id(tmp_path: Path) -> None:
     assert line["client"] == "127.0.0.1"
     assert "did not answer" in line["error"]
     assert access[generated]["status"] == 404
+    # a successful request (written by the fast JSON access writer of `hestia serve`)
+    assert ok.status_code == 200 and ok.headers["x-request-id"] == "ok-1"
+    good = access["ok-1"]
+    assert (good["status"], good["bytes_in"], good["bytes_out"]) == (200, 3, 2)
+    assert (good["service"], good["path"], good["level"]) == ("ok", "/services/ok/p", "info")
+    assert "error" not in good and good["cold_start"] is False
     assert all({"ts", "level", "msg"} <= set(line) for line in lines)
     # uvicorn's own lines go through the same JSON sink
     assert any(
