@@ -4,6 +4,7 @@ prometheus-client's own parser), and the JSON access log with request ids."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
@@ -77,7 +78,11 @@ async def test_metrics_after_cold_start_404_and_502(
     assert samples[("hestia_bytes_in_total", (("service", "web"),))] == 5
 
 
+_OPEN_WRITERS: list[asyncio.StreamWriter] = []
+
+
 async def _answer_ok(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    _OPEN_WRITERS.append(writer)
     try:
         while True:
             head = await reader.readuntil(b"\r\n\r\n")
@@ -119,6 +124,12 @@ async def test_json_access_log_carries_the_request_id(tmp_path: Path) -> None:
         proc.terminate()
         out, _ = proc.communicate(timeout=20)
         upstream.close()
+        for writer in _OPEN_WRITERS:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+        _OPEN_WRITERS.clear()
+        await upstream.wait_closed()
     assert given.status_code == 502 and given.headers["x-request-id"] == "abc-123"
     generated = made.headers["x-request-id"]
     assert len(generated) == 16
