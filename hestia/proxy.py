@@ -2,13 +2,13 @@
 
 HTTP goes through the lean pooled HTTP/1.1 client in `hestia.upstream`; bodies stream both
 ways without buffering; a client that goes away closes the upstream connection (that is what
-stops a model from generating for nobody). WebSockets are relayed message by message.
+stops a model from generating for nobody). WebSockets are relayed by `hestia.websocket`;
+what changes in headers on the way is in `hestia.headers`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import random
 import re
@@ -19,113 +19,23 @@ from datetime import datetime
 from typing import Any
 
 from loguru import logger
-from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
-from websockets.typing import Subprotocol
 
 from hestia.errors import HestiaError, ServiceNotFound, UpstreamUnreachable
+from hestia.headers import (
+    PREFIX,
+    downstream_response_headers,
+    split_service_path,
+    upstream_request_headers,
+)
 from hestia.lifecycle import Service, State, Upstream
 from hestia.metrics import Metrics
 from hestia.types import Receive, Scope, Send
 from hestia.upstream import UpstreamError, UpstreamPool
+from hestia.websocket import relay_websocket
 
-PREFIX = b"/services/"
-
-HOP_BY_HOP = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"proxy-authenticate",
-        b"proxy-authorization",
-        b"te",
-        b"trailer",
-        b"trailers",
-        b"transfer-encoding",
-        b"upgrade",
-    }
-)
-# Not forwarded upstream: hop-by-hop, Host (rewritten), Expect (the ASGI server already
-# answered 100-continue to the client), and X-Forwarded-* that we set ourselves.
-_DROP_REQUEST = HOP_BY_HOP | {
-    b"host",
-    b"expect",
-    b"x-forwarded-proto",
-    b"x-forwarded-host",
-    b"x-forwarded-prefix",
-}
 # A client disconnect is watched for only in requests that last longer than this: a fast
 # request then costs no extra task.
 _DISCONNECT_WATCH_AFTER_S = 0.05
-
-
-def split_service_path(raw_path: bytes) -> tuple[str, bytes] | None:
-    """b'/services/ollama/api/tags' -> ('ollama', b'/api/tags'); b'/services/ollama' -> '/'."""
-    rest = raw_path[len(PREFIX) :]
-    name, slash, tail = rest.partition(b"/")
-    if not name:
-        return None
-    return name.decode("latin-1"), b"/" + tail if slash else b"/"
-
-
-def _connection_tokens(headers: list[tuple[bytes, bytes]]) -> set[bytes]:
-    tokens: set[bytes] = set()
-    for key, value in headers:
-        if key == b"connection":
-            tokens.update(t.strip().lower() for t in value.split(b","))
-    return tokens
-
-
-def upstream_request_headers(
-    headers: list[tuple[bytes, bytes]],
-    upstream: Upstream,
-    *,
-    client_ip: str | None,
-    scheme: str,
-    prefix: bytes,
-) -> tuple[list[tuple[bytes, bytes]], bool]:
-    """Headers to send upstream, and whether the request has a body.
-
-    Hop-by-hop headers (and any named in Connection) are removed, Host is rewritten for the
-    upstream, X-Forwarded-For/-Proto/-Host/-Prefix are set.
-    """
-    drop = _DROP_REQUEST
-    if any(k == b"connection" for k, _ in headers):
-        drop = drop | _connection_tokens(headers)
-    out: list[tuple[bytes, bytes]] = [(b"host", upstream.host_header)]
-    has_body = False
-    original_host = b""
-    forwarded_for = b""
-    for key, value in headers:
-        if key in drop:
-            if key == b"host":
-                original_host = value
-            elif key == b"transfer-encoding":
-                has_body = True
-            continue
-        if key == b"content-length":
-            has_body = value.strip() != b"0"
-        elif key == b"x-forwarded-for":
-            forwarded_for = value
-            continue
-        out.append((key, value))
-    if client_ip:
-        ip = client_ip.encode()
-        forwarded_for = forwarded_for + b", " + ip if forwarded_for else ip
-    if forwarded_for:
-        out.append((b"x-forwarded-for", forwarded_for))
-    out.append((b"x-forwarded-proto", scheme.encode()))
-    if original_host:
-        out.append((b"x-forwarded-host", original_host))
-    out.append((b"x-forwarded-prefix", prefix))
-    return out, has_body
-
-
-def downstream_response_headers(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-    drop = HOP_BY_HOP
-    if any(k == b"connection" for k, _ in headers):
-        drop = drop | _connection_tokens(headers)
-    return [(k, v) for k, v in headers if k not in drop]
 
 
 async def send_error(
@@ -212,7 +122,7 @@ class Proxy:
         raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
         parsed = split_service_path(raw_path.partition(b"?")[0])
         if scope["type"] == "websocket":
-            await self._websocket(scope, receive, send, parsed)
+            await relay_websocket(scope, receive, send, self._lookup, parsed)
             return
         t0 = time.perf_counter()
         ex = _Exchange(_request_id(scope["headers"]))
@@ -361,137 +271,6 @@ class Proxy:
             raise
         finally:
             watch.stop()
-
-    # ---------------------------------------------------------------- websockets
-    async def _websocket(
-        self, scope: Scope, receive: Receive, send: Send, parsed: tuple[str, bytes] | None
-    ) -> None:
-        if parsed is None:
-            await self._ws_reject(scope, send, ServiceNotFound("no service name in the path"))
-            return
-        name, path = parsed
-        try:
-            service = self._lookup(name)
-            upstream = await service.acquire()
-        except HestiaError as err:
-            await self._ws_reject(scope, send, err)
-            return
-        try:
-            await self._ws_relay(scope, receive, send, name, path, upstream)
-        finally:
-            service.release()
-
-    async def _ws_relay(
-        self, scope: Scope, receive: Receive, send: Send, name: str, path: bytes, upstream: Upstream
-    ) -> None:
-        query: bytes = scope.get("query_string", b"")
-        target = (upstream.base_path + path + (b"?" + query if query else b"")).decode("latin-1")
-        uri = f"ws://{upstream.host_header.decode('latin-1')}{target}"
-        client = scope.get("client")
-        headers, _ = upstream_request_headers(
-            [(k, v) for k, v in scope["headers"] if not k.startswith(b"sec-websocket-")],
-            upstream,
-            client_ip=client[0] if client else None,
-            scheme="https" if scope.get("scheme") == "wss" else "http",
-            prefix=PREFIX + name.encode(),
-        )
-        extra = [
-            (k.decode("latin-1"), v.decode("latin-1"))
-            for k, v in headers
-            if k not in (b"host", b"content-length")
-        ]
-        subprotocols = [p.strip() for p in scope.get("subprotocols", []) if p.strip()]
-        msg = await receive()
-        if msg["type"] != "websocket.connect":
-            return
-        try:
-            ws = await connect(
-                uri,
-                additional_headers=extra,
-                subprotocols=[Subprotocol(p) for p in subprotocols] or None,
-                max_size=None,
-                ping_interval=None,
-                compression=None,
-                open_timeout=30,
-                host=upstream.host,
-                port=upstream.port,
-            )
-        except InvalidStatus as exc:
-            err = UpstreamUnreachable(
-                f"service {name!r} refused the WebSocket upgrade: HTTP {exc.response.status_code}",
-                service=name,
-            )
-            await self._ws_reject(scope, send, err)
-            return
-        except (OSError, TimeoutError, WebSocketException) as exc:
-            err = UpstreamUnreachable(
-                f"service {name!r} at {upstream.display} did not accept a WebSocket: {exc}",
-                service=name,
-            )
-            await self._ws_reject(scope, send, err)
-            return
-        await send({"type": "websocket.accept", "subprotocol": ws.subprotocol})
-        async with ws:
-            to_up = asyncio.create_task(_client_to_upstream(receive, ws))
-            to_down = asyncio.create_task(_upstream_to_client(ws, send))
-            _done, pending = await asyncio.wait((to_up, to_down), return_when="FIRST_COMPLETED")
-            for t in pending:
-                t.cancel()
-            for t in pending:
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await t
-
-    async def _ws_reject(self, scope: Scope, send: Send, err: HestiaError) -> None:
-        logger.warning("WebSocket to {} refused: {}", scope.get("path"), err.message)
-        if "websocket.http.response" in scope.get("extensions", {}):
-            body = err.to_json_bytes()
-            await send(
-                {
-                    "type": "websocket.http.response.start",
-                    "status": err.status,
-                    "headers": [
-                        (b"content-type", b"application/json"),
-                        (b"content-length", str(len(body)).encode()),
-                    ],
-                }
-            )
-            await send({"type": "websocket.http.response.body", "body": body})
-        else:
-            await send({"type": "websocket.close", "code": 1011, "reason": err.message[:120]})
-
-
-async def _client_to_upstream(receive: Receive, ws: ClientConnection) -> None:
-    while True:
-        msg = await receive()
-        kind = msg["type"]
-        if kind == "websocket.receive":
-            data = msg.get("bytes")
-            if data is None:
-                data = msg.get("text") or ""
-            try:
-                await ws.send(data)
-            except ConnectionClosed:
-                return
-        elif kind == "websocket.disconnect":
-            code = msg.get("code", 1000)
-            await ws.close(code if code in range(1000, 5000) and code not in (1005, 1006) else 1000)
-            return
-
-
-async def _upstream_to_client(ws: ClientConnection, send: Send) -> None:
-    try:
-        async for message in ws:
-            if isinstance(message, bytes):
-                await send({"type": "websocket.send", "bytes": message})
-            else:
-                await send({"type": "websocket.send", "text": message})
-    except ConnectionClosed:
-        pass
-    code = ws.close_code or 1000
-    if code in (1005, 1006):
-        code = 1000
-    with contextlib.suppress(Exception):
-        await send({"type": "websocket.close", "code": code, "reason": ws.close_reason or ""})
 
 
 class _Exchange:

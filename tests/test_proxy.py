@@ -17,8 +17,8 @@ import uvicorn
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed
 
+from hestia.headers import downstream_response_headers, split_service_path, upstream_request_headers
 from hestia.lifecycle import upstream_from_url
-from hestia.proxy import downstream_response_headers, split_service_path, upstream_request_headers
 from tests.conftest import free_port, wait_for
 
 
