@@ -17,6 +17,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from hestia.types import Send
+
 
 class HestiaError(Exception):
     status: int = 500
@@ -93,6 +95,32 @@ class BackendError(HestiaError):
 class BadRequest(HestiaError):
     status = 400
     code = "bad_request"
+
+
+async def send_error(
+    send: Send,
+    err: HestiaError,
+    extra_headers: list[tuple[bytes, bytes]] | None = None,
+    *,
+    asgi_prefix: str = "http",
+) -> None:
+    """Answer an ASGI request with the error's status and JSON body.
+
+    `asgi_prefix="websocket.http"` answers a refused WebSocket handshake the same way.
+    """
+    body = err.to_json_bytes()
+    await send(
+        {
+            "type": f"{asgi_prefix}.response.start",
+            "status": err.status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                *(extra_headers or ()),
+            ],
+        }
+    )
+    await send({"type": f"{asgi_prefix}.response.body", "body": body})
 
 
 def error_body(status: int, code: str, message: str, service: str | None = None) -> bytes:

@@ -20,7 +20,7 @@ from typing import Any
 
 from loguru import logger
 
-from hestia.errors import HestiaError, ServiceNotFound, UpstreamUnreachable
+from hestia.errors import HestiaError, ServiceNotFound, UpstreamUnreachable, send_error
 from hestia.headers import (
     PREFIX,
     downstream_response_headers,
@@ -36,26 +36,6 @@ from hestia.websocket import relay_websocket
 # A client disconnect is watched for only in requests that last longer than this: a fast
 # request then costs no extra task.
 _DISCONNECT_WATCH_AFTER_S = 0.05
-
-
-async def send_error(
-    send: Send, err: HestiaError, extra_headers: list[tuple[bytes, bytes]] | None = None
-) -> None:
-    if extra_headers is None:
-        extra_headers = []
-    body = err.to_json_bytes()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": err.status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                *extra_headers,
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
 
 
 class JsonAccessLog:

@@ -13,7 +13,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
 from websockets.typing import Subprotocol
 
-from hestia.errors import HestiaError, ServiceNotFound, UpstreamUnreachable
+from hestia.errors import HestiaError, ServiceNotFound, UpstreamUnreachable, send_error
 from hestia.headers import PREFIX, upstream_request_headers
 from hestia.lifecycle import Service, Upstream
 from hestia.types import Receive, Scope, Send
@@ -107,18 +107,7 @@ async def _relay(
 async def _reject(scope: Scope, send: Send, err: HestiaError) -> None:
     logger.warning("WebSocket to {} refused: {}", scope.get("path"), err.message)
     if "websocket.http.response" in scope.get("extensions", {}):
-        body = err.to_json_bytes()
-        await send(
-            {
-                "type": "websocket.http.response.start",
-                "status": err.status,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                ],
-            }
-        )
-        await send({"type": "websocket.http.response.body", "body": body})
+        await send_error(send, err, asgi_prefix="websocket.http")
     else:
         await send({"type": "websocket.close", "code": 1011, "reason": err.message[:120]})
 
