@@ -233,8 +233,8 @@ def start_nginx(procs: Procs, tmp: Path) -> tuple[int, int]:
     (prefix / "www" / "1k.bin").write_bytes(b"x" * 1024)
     with open(prefix / "www" / "1g.bin", "wb") as f:  # sparse: no disk I/O when read
         f.truncate(GIB)
-    for f in (prefix / "www").iterdir():
-        f.chmod(0o644)
+    for www in (prefix / "www").iterdir():
+        www.chmod(0o644)
     origin, proxy = free_port(), free_port()
     conf = prefix / "nginx.conf"
     conf.write_text(NGINX_CONF.format(prefix=prefix, origin=origin, proxy=proxy, workers="auto"))
@@ -868,7 +868,7 @@ class Bench:
                 f"  round {r + 1} p99 gap direct {percentile(gaps['direct'][-1], 0.99):.2f} ms, "
                 f"hestia {percentile(gaps['hestia'][-1], 0.99):.2f} ms"
             )
-        out = {}
+        out: dict[str, Any] = {}
         for k, runs in gaps.items():
             out[k] = {
                 "p50_ms": median([percentile(g, 0.5) for g in runs]),

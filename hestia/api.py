@@ -13,7 +13,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from hestia import __version__
-from hestia.errors import HestiaError, ServiceStartTimeout, error_body
+from hestia.errors import HestiaError, ServiceStartTimeout, StartCancelled, error_body
 from hestia.lifecycle import State
 from hestia.metrics import Metrics, PrometheusCollector
 from hestia.registry import Registry
@@ -31,22 +31,32 @@ class ErrorBody(BaseModel):
     error: ErrorDetail
 
 
+class Conflict(BaseModel):
+    instance: str
+    reason: str
+
+
 class ServiceStatus(BaseModel):
     name: str
     state: str
     backend: str
+    source: str
     container: str | None
     upstream: str | None
     last_activity: float
     idle_timeout_s: float
     startup_timeout_s: float
+    stop_timeout_s: float
     in_flight: int
     waiting: int
     peak_waiting: int
     queued: int
     max_concurrency: int | None
     last_error: dict[str, Any] | None
+    last_stop: dict[str, Any] | None
     started_at: float | None
+    backend_reachable: bool
+    conflicts: list[Conflict]
 
 
 class ServiceList(BaseModel):
@@ -61,6 +71,7 @@ class Health(BaseModel):
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     404: {"model": ErrorBody, "description": "unknown service"},
+    409: {"model": ErrorBody, "description": "a stop cancelled the start being waited on"},
     502: {"model": ErrorBody, "description": "backend (Docker) refused"},
     503: {"model": ErrorBody, "description": "start failed"},
     504: {"model": ErrorBody, "description": "start timed out"},
@@ -152,17 +163,28 @@ def build_api(registry: Registry, metrics: Metrics, store: Store) -> FastAPI:
         if svc.state is not State.READY:
             task = svc.ensure_started("api")
             if wait:
+                timeout = svc.config.startup_timeout
                 try:
-                    result = await asyncio.wait_for(
-                        asyncio.shield(task), svc.config.startup_timeout
-                    )
+                    result = await asyncio.wait_for(asyncio.shield(task), timeout)
                 except TimeoutError:
                     raise ServiceStartTimeout(
-                        f"service {name!r} was not ready within {svc.config.startup_timeout:g}s",
+                        f"service {name!r} was not ready within {timeout:g}s", service=name
+                    ) from None
+                except asyncio.CancelledError:
+                    if not task.cancelled():
+                        raise  # this request itself is being cancelled
+                    closing = svc.closing_error()
+                    if closing is not None:
+                        raise closing from None
+                    raise StartCancelled(
+                        f"the start of service {name!r} was cancelled (a stop, a replaced "
+                        "instance or Hestia shutting down); its state is now "
+                        f"{svc.state.value}",
                         service=name,
+                        detail={"state": svc.state.value},
                     ) from None
                 if result is not None:
-                    raise result
+                    raise result.fresh()
         return svc.status()
 
     @api.post("/v1/services/{name}/stop", response_model=ServiceStatus, responses=_ERRORS)
@@ -170,7 +192,7 @@ def build_api(registry: Registry, metrics: Metrics, store: Store) -> FastAPI:
         name: str, wait: bool = Query(False, description="block until the service is stopped")
     ) -> dict[str, Any]:
         svc = registry.get(name)
-        task = svc.request_stop("api")
+        task = svc.request_stop("api", drain=True)
         if wait and task is not None:
             await asyncio.shield(task)
         return svc.status()

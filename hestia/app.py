@@ -1,6 +1,6 @@
-"""Wiring only: the ASGI entry point that sends /services/* to the proxy and the rest to the
-control API, and the Gateway object that owns config, backend, registry, store, metrics and the
-upstream pool."""
+"""Wiring only: the ASGI entry point that sends what the router says is a service's to the
+proxy and the rest to the control API, and the Gateway object that owns config, backends,
+registry, store, metrics and the upstream pool."""
 
 from __future__ import annotations
 
@@ -8,16 +8,19 @@ import asyncio
 import contextlib
 import json
 import time
+from collections.abc import Mapping
 
 from loguru import logger
 
 from hestia.api import build_api
 from hestia.backends.base import Backend
 from hestia.config import HestiaConfig
+from hestia.headers import TrustedProxies
 from hestia.lifecycle import Service, State
 from hestia.metrics import Metrics
 from hestia.proxy import Proxy
 from hestia.registry import Registry
+from hestia.router import Router
 from hestia.store import EventRow, ServiceRow, Store, error_json, wall
 from hestia.types import Receive, Scope, Send
 from hestia.upstream import UpstreamPool
@@ -27,14 +30,22 @@ SNAPSHOT_EVERY_S = 5.0
 
 
 class Gateway:
-    """The whole gateway as one ASGI app. `backend=None` means: no Docker (plain urls only)."""
+    """The whole gateway as one ASGI app, over a set of named backends (a single backend is
+    taken as {backend.name: backend}; None or {} means plain urls only)."""
 
-    def __init__(self, config: HestiaConfig, backend: Backend | None) -> None:
+    def __init__(
+        self, config: HestiaConfig, backends: Backend | Mapping[str, Backend] | None = None
+    ) -> None:
         self.config = config
-        self.backend = backend
+        if backends is None:
+            backends = {}
+        elif not isinstance(backends, Mapping):
+            backends = {backends.name: backends}
+        self.backends: dict[str, Backend] = dict(backends)
         self.metrics = Metrics()
         self.store = Store(config.database_url())
-        self.registry = Registry(config, backend, self._on_transition, self._on_new_service)
+        self.router = Router()
+        self.registry = Registry(config, self.backends, self._on_transition, self._on_new_service)
         self.metrics.bind_live(
             lambda: {
                 n: (s.in_flight, s.waiting, s.peak_waiting, s.state.value)
@@ -42,7 +53,13 @@ class Gateway:
             }
         )
         self.pool = UpstreamPool()
-        self.proxy = Proxy(self.registry.get, self.pool, self.metrics, config.logging.access)
+        self.proxy = Proxy(
+            self.registry.get,
+            self.pool,
+            self.metrics,
+            config.logging.access,
+            TrustedProxies(config.server.trusted_proxies),
+        )
         self.api = build_api(self.registry, self.metrics, self.store)
         self._restored: dict[str, ServiceRow] = {}
         self._snapshot_task: asyncio.Task[None] | None = None
@@ -53,8 +70,9 @@ class Gateway:
         if kind == "lifespan":
             await self._lifespan(receive, send)
             return
-        if scope["path"].startswith("/services/"):
-            await self.proxy(scope, receive, send)
+        route = self.router.resolve(scope)
+        if route is not None:
+            await self.proxy.handle(scope, receive, send, route)
             return
         await self.api(scope, receive, send)
 
@@ -140,9 +158,9 @@ class Gateway:
         self.snapshot_all()
         await self.store.close()  # flushes every queued event
         await self.pool.aclose()
-        if self.backend is not None:
+        for backend in self.backends.values():
             with contextlib.suppress(Exception):
-                await self.backend.close()
+                await backend.close()
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:

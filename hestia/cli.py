@@ -10,7 +10,7 @@ import sys
 from loguru import logger
 
 from hestia import __version__
-from hestia.backends.base import Backend
+from hestia.backends import build_backends
 from hestia.config import load_config
 from hestia.errors import HestiaError
 from hestia.logs import setup_logging
@@ -31,17 +31,12 @@ def _serve(args: argparse.Namespace) -> int:
     from hestia.app import Gateway
     from hestia.proxy import JsonAccessLog
 
-    backend: Backend | None = None
-    if config.docker.enabled:
-        from hestia.backends.docker import DockerBackend
-
-        try:
-            backend = DockerBackend(self_container=config.docker.self_container)
-        except HestiaError as exc:
-            logger.error("{}", exc.message)
-            print(f"hestia: {exc.message}", file=sys.stderr)
-            return 2
-    gateway = Gateway(config, backend)
+    try:
+        gateway = Gateway(config, build_backends(config))
+    except HestiaError as exc:
+        logger.error("{}", exc.message)
+        print(f"hestia: {exc.message}", file=sys.stderr)
+        return 2
     access_writer = None
     if log_format == "json" and log_level.upper() in ("TRACE", "DEBUG", "INFO"):
         # the same JSON lines as the loguru sink, at half the cost per request

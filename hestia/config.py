@@ -1,12 +1,16 @@
 """hestia_config.yml and hestia.* labels: pydantic models, loaded and validated once.
 
-Precedence, key by key: the service's entry under `services:` > its container's `hestia.*`
-labels > `defaults:` > built-in defaults. So when config and labels both name a service, the
-config file wins for each key it sets, and labels fill in the rest.
+Precedence, key by key: the service's entry under `services:` > its instance's `hestia.*`
+labels > `defaults:` > built-in defaults. So when config and labels both describe a service,
+the config file wins for each key it sets, and labels fill in the rest.
+
+The label vocabulary lives here (`LABELS`), once: the README's table, the compose examples'
+check and label parsing all read it.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
@@ -22,12 +26,41 @@ from pydantic import (
     Field,
     PrivateAttr,
     ValidationError,
+    model_validator,
 )
 
 from hestia.errors import ConfigError
 
 DEFAULT_CONFIG_PATH = "hestia_config.yml"
 LABEL_PREFIX = "hestia."
+
+# Backends a service may name with `backend:`. A service with a `container` defaults to
+# docker; a service with only a `url` has no backend (always on, never started or stopped).
+KNOWN_BACKENDS: dict[str, str] = {
+    "docker": "a Docker container on the local engine",
+    "memory": "instances simulated in memory (tests and demos)",
+}
+
+# Every hestia.* label, with what it means. Settings labels map to the service key of the
+# same name (`health.path` -> health: {path: ...}).
+LABELS: dict[str, str] = {
+    "enable": "required opt-in (`true`); Hestia never starts, stops or proxies to a container "
+    "without it (or a `services:` entry naming it)",
+    "service": "service name (default: the compose service name, else the container name)",
+    "scope": "which gateway manages the container (see `docker.scope`); a container with a "
+    "scope is managed only by the gateway of that scope",
+    "port": "the container port to proxy to (default: the only exposed port, else 80)",
+    "url": "upstream base URL, overriding the address rule (may carry a path)",
+    "idle_timeout": "stop after this long without requests (`0`: never)",
+    "startup_timeout": "how long a request may wait for a start",
+    "stop_timeout": "how long a stop waits before the engine kills the container",
+    "max_concurrency": "at most this many requests at once; more wait in line",
+    "on_start_failure": "`stop` (default) or `leave` what a failed start started",
+    "health.path": "readiness: the path of the HTTP probe",
+    "health.status": "readiness: the status the probe expects (default: any below 500)",
+    "health.type": "readiness: `auto`, `docker`, `http` or `tcp`",
+}
+_IDENTITY_LABELS = frozenset({"enable", "service", "scope"})
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
@@ -47,6 +80,8 @@ def parse_duration(value: Any) -> float:
         seconds = float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
     else:
         raise ValueError(f"{value!r} is not a duration; write e.g. 30s, 10m, 1h or seconds")
+    if not math.isfinite(seconds):
+        raise ValueError(f"{value!r} is not a finite duration; write e.g. 30s, 10m, 1h")
     if seconds < 0:
         raise ValueError("a duration cannot be negative")
     return seconds
@@ -60,7 +95,7 @@ class _Strict(BaseModel):
 
 
 class HealthConfig(_Strict):
-    # auto: the container's Docker HEALTHCHECK if it has one, else an HTTP probe of `path`.
+    # auto: the instance's own health check (Docker HEALTHCHECK) if it has one, else HTTP.
     type: Literal["auto", "docker", "http", "tcp"] = "auto"
     path: str = "/"
     # None: any status below 500 means up (a 401/404 on `/` must not keep a service starting).
@@ -76,33 +111,90 @@ def _check_url(value: str | None) -> str | None:
         raise ValueError(
             f"{value!r} is not an http:// URL with a host (https upstreams are not supported yet)"
         )
+    try:
+        parsed.port  # noqa: B018 - raises for a port out of range
+    except ValueError:
+        raise ValueError(f"{value!r} has a port outside 1-65535") from None
+    if parsed.port == 0:
+        raise ValueError(f"{value!r} has a port outside 1-65535")
+    if parsed.query or parsed.fragment:
+        raise ValueError(f"{value!r}: an upstream URL cannot carry a query or a fragment")
     return value
 
 
+def _check_backend(value: str | None) -> str | None:
+    if value is not None and value not in KNOWN_BACKENDS:
+        raise ValueError(
+            f"unknown backend {value!r}; known backends: {', '.join(sorted(KNOWN_BACKENDS))}"
+        )
+    return value
+
+
+Url = Annotated[str | None, AfterValidator(_check_url)]
+BackendName = Annotated[str | None, AfterValidator(_check_backend)]
+Source = Literal["config", "labels", "config+labels"]
+
+
 class ServiceConfig(_Strict):
-    """A fully resolved service (after defaults and labels are merged)."""
+    """A fully resolved service (after defaults, labels and its config entry are merged)."""
 
     name: str
+    # Which backend runs it; None: a plain always-on `url`, never started or stopped.
+    backend: BackendName = None
+    # The instance the backend knows it by (a container name for docker).
     container: str | None = None
-    url: Annotated[str | None, AfterValidator(_check_url)] = None
+    url: Url = None
     port: int | None = Field(default=None, ge=1, le=65535)
     idle_timeout: Duration = 600.0
     startup_timeout: Duration = 120.0
+    # How long a stop waits before the backend kills the instance (Docker's `stop -t`).
+    stop_timeout: Duration = 10.0
     health: HealthConfig = HealthConfig()
     # At most this many requests (and WebSockets) at once go to the service; more wait in
     # line (FIFO, at most startup_timeout, then 503 service_busy). None: no limit.
     max_concurrency: int | None = Field(default=None, ge=1)
+    # What a failed start does to what it started: stop it (default) or leave it running
+    # (for debugging a container that never becomes ready).
+    on_start_failure: Literal["stop", "leave"] = "stop"
+    # Where the settings came from: the config file, labels, or both (config wins key by key).
+    source: Source = "config"
+
+    @model_validator(mode="after")
+    def _backend_has_an_instance(self) -> ServiceConfig:
+        if self.backend is not None and self.instance is None:
+            raise ValueError(
+                f"backend {self.backend!r} needs `container` (the instance to start and stop)"
+            )
+        return self
 
     @property
     def managed(self) -> bool:
         """True when Hestia starts and stops it; False for a plain, always-on proxied URL."""
-        return self.container is not None
+        return self.backend is not None
+
+    @property
+    def instance(self) -> str | None:
+        """The name the backend knows the instance by."""
+        return self.container
+
+
+def _check_cidr(value: str) -> str:
+    import ipaddress
+
+    try:
+        ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        raise ValueError(f"{value!r} is not an IP address or CIDR (e.g. 172.16.0.0/12)") from None
+    return value
 
 
 class ServerConfig(_Strict):
     host: str = "0.0.0.0"
     port: int = Field(default=8080, ge=1, le=65535)
     shutdown_grace: Duration = 30.0
+    # Peers whose X-Forwarded-For/-Proto/-Host are kept (a reverse proxy in front of Hestia);
+    # from anyone else they are replaced.
+    trusted_proxies: list[Annotated[str, AfterValidator(_check_cidr)]] = []
 
 
 class DockerConfig(_Strict):
@@ -111,8 +203,12 @@ class DockerConfig(_Strict):
     # Hestia running in a container: its own container id, found automatically when unset.
     self_container: str | None = None
     # Several gateways on one engine: when set, only containers labelled hestia.scope=<scope>
-    # are managed by this one.
+    # are managed by this one; without it, containers with any hestia.scope are left alone.
     scope: str | None = None
+    # After a container stops outside Hestia, a start waits this long for a replacement
+    # (`docker compose up -d` recreates: stop, rename, create, start) before starting the
+    # old container again.
+    recreate_grace: Duration = 2.0
 
 
 class LoggingConfig(_Strict):
@@ -121,27 +217,51 @@ class LoggingConfig(_Strict):
     access: bool = True  # one line per proxied request
 
 
+def _check_database_url(value: str) -> str:
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    try:
+        url = make_url(value)
+    except ArgumentError:
+        raise ValueError(
+            f"{value!r} is not a database URL; write e.g. sqlite:////data/hestia.db"
+        ) from None
+    try:
+        dialect = url.get_dialect()
+        dialect.import_dbapi()
+    except NoSuchModuleError:
+        raise ValueError(f"{value!r}: unknown database kind {url.drivername!r}") from None
+    except ImportError as exc:
+        raise ValueError(
+            f"{value!r}: the Python driver for {url.drivername!r} is not installed "
+            f"({exc.name or exc}); install it or use sqlite:///PATH"
+        ) from None
+    return value
+
+
 class DatabaseConfig(_Strict):
     # Any SQLAlchemy URL; HESTIA_DATABASE_URL overrides it.
-    url: str = "sqlite:///data/hestia.db"
+    url: Annotated[str, AfterValidator(_check_database_url)] = "sqlite:///data/hestia.db"
 
 
-# Keys a service may set; `defaults:` takes the same keys except name/container/url.
-class _ServiceEntry(_Strict):
+class _Settings(_Strict):
+    """Keys a service may set, in `services.<name>` or (all but the instance's identity) in
+    `defaults:`."""
+
+    idle_timeout: Duration | None = None
+    startup_timeout: Duration | None = None
+    stop_timeout: Duration | None = None
+    max_concurrency: int | None = None
+    on_start_failure: Literal["stop", "leave"] | None = None
+    health: dict[str, Any] | None = None
+
+
+class _ServiceEntry(_Settings):
+    backend: BackendName = None
     container: str | None = None
     url: str | None = None
     port: int | None = Field(default=None, ge=1, le=65535)
-    idle_timeout: Duration | None = None
-    startup_timeout: Duration | None = None
-    max_concurrency: int | None = None
-    health: dict[str, Any] | None = None
-
-
-class _Defaults(_Strict):
-    idle_timeout: Duration | None = None
-    startup_timeout: Duration | None = None
-    max_concurrency: int | None = None
-    health: dict[str, Any] | None = None
 
 
 class HestiaConfig(_Strict):
@@ -149,7 +269,7 @@ class HestiaConfig(_Strict):
     docker: DockerConfig = DockerConfig()
     logging: LoggingConfig = LoggingConfig()
     database: DatabaseConfig = DatabaseConfig()
-    defaults: _Defaults = _Defaults()
+    defaults: _Settings = _Settings()
     services: dict[str, _ServiceEntry] = {}
     _source: str | None = PrivateAttr(default=None)
 
@@ -161,26 +281,40 @@ class HestiaConfig(_Strict):
         return os.environ.get("HESTIA_DATABASE_URL") or self.database.url
 
     def resolve(
-        self, name: str, labels: dict[str, str] | None = None, container: str | None = None
+        self,
+        name: str,
+        labels: dict[str, str] | None = None,
+        *,
+        instance: str | None = None,
+        backend: str | None = None,
     ) -> ServiceConfig:
         """Merge built-ins < defaults < labels < service entry, key by key, and validate.
 
-        `container`: the labelled container this service was discovered on, if any.
+        `instance` and `backend`: the labelled instance this service was discovered on, and
+        the backend that found it, if any.
         """
         merged: dict[str, Any] = {"name": name}
-        if container is not None:
-            merged["container"] = container
+        if instance is not None:
+            merged["container"] = instance
+        if backend is not None:
+            merged["backend"] = backend
         health: dict[str, Any] = {}
         layers: list[dict[str, Any]] = [self.defaults.model_dump(exclude_none=True)]
         if labels:
             layers.append(labels_to_settings(labels))
-        if name in self.services:
-            layers.append(self.services[name].model_dump(exclude_none=True))
+        entry = self.services.get(name)
+        if entry is not None:
+            layers.append(entry.model_dump(exclude_none=True))
         for layer in layers:
             health.update(layer.pop("health", {}) or {})
             merged.update(layer)
         merged["health"] = health
-        where = f"services.{name}" if name in self.services else f"labels of service {name!r}"
+        if merged.get("container") is not None and "backend" not in merged:
+            merged["backend"] = "docker"
+        merged["source"] = (
+            ("config+labels" if labels else "config") if entry is not None else "labels"
+        )
+        where = f"services.{name}" if entry is not None else f"labels of service {name!r}"
         try:
             return ServiceConfig.model_validate(merged)
         except ValidationError as exc:
@@ -190,26 +324,14 @@ class HestiaConfig(_Strict):
         return {name: self.resolve(name) for name in self.services}
 
 
-_LABEL_KEYS = {
-    "url": "url",
-    "port": "port",
-    "idle_timeout": "idle_timeout",
-    "startup_timeout": "startup_timeout",
-    "max_concurrency": "max_concurrency",
-    "health.path": "health.path",
-    "health.status": "health.status",
-    "health.type": "health.type",
-}
-
-
 def labels_to_settings(labels: dict[str, str]) -> dict[str, Any]:
     """hestia.* labels -> partial service settings (unknown hestia.* keys are ignored)."""
     out: dict[str, Any] = {}
     for key, value in labels.items():
         if not key.startswith(LABEL_PREFIX):
             continue
-        field = _LABEL_KEYS.get(key[len(LABEL_PREFIX) :])
-        if field is None:
+        field = key[len(LABEL_PREFIX) :]
+        if field not in LABELS or field in _IDENTITY_LABELS:
             continue
         if field.startswith("health."):
             out.setdefault("health", {})[field[len("health.") :]] = value
@@ -219,17 +341,22 @@ def labels_to_settings(labels: dict[str, str]) -> dict[str, Any]:
 
 
 def label_enabled(labels: dict[str, str], scope: str | None = None) -> bool:
-    """The container opted in (hestia.enable=true), and into this gateway's scope if it has one."""
+    """The instance opted in (hestia.enable=true) for this gateway.
+
+    A labelled `hestia.scope` belongs to the gateway of that scope only: a gateway without a
+    scope leaves scoped instances alone (two compose projects, each with its own Hestia, must
+    not stop each other's services).
+    """
     if labels.get("hestia.enable", "").strip().lower() not in ("true", "1", "yes", "on"):
         return False
-    return scope is None or labels.get("hestia.scope") == scope
+    return labels.get("hestia.scope") == scope
 
 
-def service_name_from_labels(labels: dict[str, str], container_name: str) -> str:
+def service_name_from_labels(labels: dict[str, str], instance_name: str) -> str:
     return (
         labels.get("hestia.service")
         or labels.get("com.docker.compose.service")
-        or container_name.lstrip("/")
+        or instance_name.lstrip("/")
     )
 
 
@@ -242,8 +369,62 @@ def _describe(exc: ValidationError, source: str, prefix: str = "") -> str:
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"])
         path = ".".join(p for p in (prefix, loc) if p)
-        problems.append(f"{path or '(top level)'}: {err['msg']}")
+        msg = err["msg"].removeprefix("Value error, ")
+        problems.append(f"{path or '(top level)'}: {msg}")
     return f"invalid config in {source}: " + "; ".join(problems)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A YAML loader that refuses a mapping with the same key twice (YAML would keep the last
+    one silently: two `ollama:` entries would merge into a surprise)."""
+
+
+def _mapping_without_duplicates(loader: _UniqueKeyLoader, node: yaml.MappingNode) -> Any:
+    seen: dict[Any, int] = {}
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(
+                None,
+                None,
+                f"duplicate key {key!r} (first on line {seen[key] + 1})",
+                key_node.start_mark,
+            )
+        seen[key] = key_node.start_mark.line
+    return loader.construct_mapping(node, deep=True)
+
+
+_UniqueKeyLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
+    _mapping_without_duplicates,
+)
+
+
+def read_config_text(p: Path) -> str:
+    """The file's text, or a ConfigError that names the file and says what to do."""
+    if p.is_dir():
+        raise ConfigError(
+            f"config path {p} is a directory, not a file (a bind mount of a file that did "
+            "not exist on the host creates a directory): create the file on the host, or "
+            "point --config / HESTIA_CONFIG at the file"
+        )
+    try:
+        data = p.read_bytes()
+    except PermissionError:
+        raise ConfigError(
+            f"config file {p} cannot be read (permission denied); make it readable by the "
+            "user Hestia runs as"
+        ) from None
+    except OSError as exc:
+        raise ConfigError(f"config file {p} cannot be read: {exc.strerror or exc}") from None
+    if b"\x00" in data:
+        raise ConfigError(f"config file {p} is not a text file (it contains NUL bytes)")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"config file {p} is not UTF-8 text (byte {exc.start}); save it as UTF-8"
+        ) from None
 
 
 def load_config(
@@ -256,11 +437,15 @@ def load_config(
         if required or explicit:
             raise ConfigError(f"config file {p} does not exist; create it or pass --config PATH")
         return HestiaConfig()
+    return parse_config_text(read_config_text(p), source=str(p))
+
+
+def parse_config_text(text: str, source: str = "<config>") -> HestiaConfig:
     try:
-        raw = yaml.safe_load(p.read_text()) or {}
+        raw = yaml.load(text, Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"invalid YAML in {p}: {exc}") from exc
-    return parse_config(raw, source=str(p))
+        raise ConfigError(f"invalid YAML in {source}: {exc}") from None
+    return parse_config(raw, source=source)
 
 
 def parse_config(raw: Any, source: str = "<config>") -> HestiaConfig:
@@ -270,9 +455,9 @@ def parse_config(raw: Any, source: str = "<config>") -> HestiaConfig:
         cfg = HestiaConfig.model_validate(raw)
         cfg._source = source
     except ValidationError as exc:
-        raise ConfigError(_describe(exc, source)) from exc
+        raise ConfigError(_describe(exc, source)) from None
     for name in cfg.services:
-        if not valid_service_name(name):
+        if not valid_service_name(str(name)):
             raise ConfigError(
                 f"invalid config in {source}: services.{name}: a service name uses letters, "
                 "digits, '_', '.', '-' (at most 63 characters)"

@@ -5,11 +5,19 @@ HestiaError
  +-- ServiceNotFound          404  service_not_found
  +-- ServiceStartFailed       503  start_failed      (container exited, health check failed, ...)
  +-- ServiceStartTimeout      504  start_timeout     (not ready within startup_timeout)
- +-- ServiceUnavailable       503  shutting_down
+ +-- ServiceUnavailable       503  service_unavailable
+ |    +-- ShuttingDown        503  shutting_down     (Hestia is stopping)
+ |    +-- ServiceRemoved      503  service_removed   (its container/config entry went away)
+ |    +-- BackendUnreachable  503  backend_unreachable (the engine that runs it is unreachable)
+ +-- StartCancelled           409  start_cancelled   (a stop cancelled the start being waited on)
  +-- ServiceBusy              503  service_busy      (every max_concurrency slot taken too long)
  +-- UpstreamUnreachable      502  upstream_unreachable (refused, reset, bad response)
+ +-- UpstreamTimeout          504  upstream_timeout  (connect / response head / body too slow)
  +-- BackendError             502  backend_error     (Docker said no)
  +-- BadRequest               400  bad_request
+
+An error shared by many waiters (one failed start, 200 held requests) is raised as a fresh copy
+per waiter (`fresh()`), so no instance collects every waiter's traceback.
 """
 
 from __future__ import annotations
@@ -35,6 +43,10 @@ class HestiaError(Exception):
         self.message = message
         self.service = service
         self.detail = detail or {}
+
+    def fresh(self) -> HestiaError:
+        """A new exception of the same kind and content, to raise in one more place."""
+        return type(self)(self.message, service=self.service, detail=dict(self.detail))
 
     def to_dict(self) -> dict[str, Any]:
         body: dict[str, Any] = {"code": self.code, "message": self.message}
@@ -77,6 +89,19 @@ class ShuttingDown(ServiceUnavailable):
     code = "shutting_down"
 
 
+class ServiceRemoved(ServiceUnavailable):
+    code = "service_removed"
+
+
+class BackendUnreachable(ServiceUnavailable):
+    code = "backend_unreachable"
+
+
+class StartCancelled(HestiaError):
+    status = 409
+    code = "start_cancelled"
+
+
 class ServiceBusy(HestiaError):
     status = 503
     code = "service_busy"
@@ -85,6 +110,11 @@ class ServiceBusy(HestiaError):
 class UpstreamUnreachable(HestiaError):
     status = 502
     code = "upstream_unreachable"
+
+
+class UpstreamTimeout(HestiaError):
+    status = 504
+    code = "upstream_timeout"
 
 
 class BackendError(HestiaError):

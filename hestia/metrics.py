@@ -13,6 +13,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Summa
 from prometheus_client.registry import Collector
 
 _CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
+# Requests for names that are not services share one series: junk names must not each
+# become a metrics series of their own.
+UNKNOWN_SERVICE = "<unknown>"
 
 
 def _percentile(values: list[float], q: float) -> float | None:

@@ -20,17 +20,24 @@ from typing import Any
 
 from loguru import logger
 
-from hestia.errors import HestiaError, ServiceNotFound, UpstreamUnreachable, send_error
-from hestia.headers import (
-    PREFIX,
-    downstream_response_headers,
-    split_service_path,
-    upstream_request_headers,
+from hestia.address import Upstream
+from hestia.errors import (
+    HestiaError,
+    ServiceNotFound,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+    send_error,
 )
-from hestia.lifecycle import Service, State, Upstream
-from hestia.metrics import Metrics
+from hestia.headers import TrustedProxies, downstream_response_headers, upstream_request_headers
+from hestia.lifecycle import Service, State
+from hestia.metrics import UNKNOWN_SERVICE, Metrics
+from hestia.router import Route
 from hestia.types import Receive, Scope, Send
-from hestia.upstream import UpstreamError, UpstreamPool
+from hestia.upstream import (
+    UpstreamError,
+    UpstreamPool,
+    UpstreamTimeoutError,
+)
 from hestia.websocket import relay_websocket
 
 # A client disconnect is watched for only in requests that last longer than this: a fast
@@ -90,29 +97,32 @@ class Proxy:
         pool: UpstreamPool,
         metrics: Metrics | None = None,
         access_log: bool = True,
+        trusted_proxies: TrustedProxies | None = None,
     ) -> None:
         self._lookup = lookup
         self._pool = pool
         self._metrics = metrics or Metrics()
         self._access_log = access_log
+        self._trusted = trusted_proxies or TrustedProxies()
         # set by `hestia serve` when the logs are JSON lines on stdout (see JsonAccessLog)
         self.access_writer: JsonAccessLog | None = None
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
-        parsed = split_service_path(raw_path.partition(b"?")[0])
+    async def handle(self, scope: Scope, receive: Receive, send: Send, route: Route) -> None:
         if scope["type"] == "websocket":
-            await relay_websocket(scope, receive, send, self._lookup, parsed)
+            await relay_websocket(scope, receive, send, self._lookup, route, self._trusted)
             return
         t0 = time.perf_counter()
         ex = _Exchange(_request_id(scope["headers"]))
-        name = parsed[0] if parsed is not None else ""
+        name = route.service
+        metrics_name = UNKNOWN_SERVICE  # only known services get a metrics series of their own
         waited = 0.0
         cold = False
+        retried = False
         try:
-            if parsed is None:
+            if not name:
                 raise ServiceNotFound("no service name in the path: use /services/NAME/...")
             service = self._lookup(name)
+            metrics_name = name
             if service.state is not State.READY:
                 cold = True
                 upstream = await service.acquire()
@@ -121,18 +131,51 @@ class Proxy:
             else:
                 upstream = await service.acquire()
         except HestiaError as err:
-            ex.status = err.status
-            if err.service is not None:  # a known service failed to start: count it
-                self._metrics.service(name).errors += 1
-            await send_error(send, err, [(b"x-request-id", ex.request_id)])
-            self._finish(scope, name, ex, t0, waited, cold, err.message)
+            await self._refuse(scope, send, ex, err, metrics_name, t0, waited, cold)
             return
+        held = True
         try:
-            await self._forward(scope, receive, send, name, parsed[1], upstream, ex)
+            while True:
+                outcome = await self._forward(scope, receive, send, service, route, upstream, ex)
+                if outcome is not _RETRY or retried:
+                    break
+                # the instance died under us before answering: wait for it like a cold start
+                retried = True
+                service.release()
+                held = False
+                try:
+                    upstream = await service.acquire()
+                except HestiaError as err:
+                    ex.status = err.status
+                    ex.error = err.message
+                    self._metrics.service(name).errors += 1
+                    await send_error(send, err, [(b"x-request-id", ex.request_id)])
+                    break
+                held = True
         finally:
-            service.release()
+            if held:
+                service.release()
             self._metrics.service(name).record(ex.status, ex.bytes_in, ex.bytes_out)
             self._finish(scope, name, ex, t0, waited, cold, ex.error)
+
+    async def _refuse(
+        self,
+        scope: Scope,
+        send: Send,
+        ex: _Exchange,
+        err: HestiaError,
+        metrics_name: str,
+        t0: float,
+        waited: float,
+        cold: bool,
+    ) -> None:
+        ex.status = err.status
+        m = self._metrics.service(metrics_name)
+        m.record(err.status, 0, 0)
+        if err.service is not None and metrics_name != UNKNOWN_SERVICE:
+            m.errors += 1  # a known service failed to start, timed out, was busy: count it
+        await send_error(send, err, [(b"x-request-id", ex.request_id)])
+        self._finish(scope, metrics_name, ex, t0, waited, cold, err.message)
 
     def _finish(
         self,
@@ -176,23 +219,34 @@ class Proxy:
         scope: Scope,
         receive: Receive,
         send: Send,
-        name: str,
-        path: bytes,
+        service: Service,
+        route: Route,
         upstream: Upstream,
         ex: _Exchange,
-    ) -> None:
+    ) -> object:
+        name = service.name
         query: bytes = scope.get("query_string", b"")
-        target = upstream.base_path + path
+        target = upstream.base_path + route.path
         if query:
             target += b"?" + query
         client = scope.get("client")
-        headers, has_body = upstream_request_headers(
-            scope["headers"],
-            upstream,
-            client_ip=client[0] if client else None,
-            scheme=scope.get("scheme", "http"),
-            prefix=PREFIX + name.encode(),
-        )
+        client_ip = client[0] if client else None
+        method: str = scope["method"]
+        try:
+            headers, has_body = upstream_request_headers(
+                scope["headers"],
+                upstream,
+                client_ip=client_ip,
+                scheme=scope.get("scheme", "http"),
+                prefix=route.prefix,
+                trusted=bool(self._trusted) and self._trusted.trusts(client_ip),
+            )
+        except HestiaError as bad:
+            bad.service = name
+            ex.status = bad.status
+            ex.error = bad.message
+            await send_error(send, bad, [(b"x-request-id", ex.request_id)])
+            return None
         headers.append((b"x-request-id", ex.request_id))
         task = asyncio.current_task()
         assert task is not None
@@ -201,23 +255,39 @@ class Proxy:
             body = watch.request_body() if has_body else None
             try:
                 resp = await self._pool.request(
-                    upstream.host, upstream.port, scope["method"].encode(), target, headers, body
+                    upstream.host, upstream.port, method.encode(), target, headers, body
                 )
             except UpstreamError as exc:
                 if watch.disconnected:
                     ex.status = 499
-                    return
-                err = UpstreamUnreachable(
-                    f"service {name!r} at {upstream.display} did not answer: {exc.reason}",
-                    service=name,
-                )
+                    return None
+                if (
+                    not isinstance(exc, UpstreamTimeoutError)
+                    and not has_body
+                    and method in _IDEMPOTENT
+                    and await service.instance_gone(upstream)
+                ):
+                    watch.stop()
+                    return _RETRY
+                err: HestiaError
+                if isinstance(exc, UpstreamTimeoutError):
+                    err = UpstreamTimeout(
+                        f"service {name!r} at {upstream.display} did not answer in time: "
+                        f"{exc.reason}",
+                        service=name,
+                    )
+                else:
+                    err = UpstreamUnreachable(
+                        f"service {name!r} at {upstream.display} did not answer: {exc.reason}",
+                        service=name,
+                    )
                 ex.status = err.status
                 ex.error = err.message
                 self._metrics.service(name).upstream_errors += 1
                 self._metrics.service(name).errors += 1
                 watch.stop()
                 await send_error(send, err, [(b"x-request-id", ex.request_id)])
-                return
+                return None
             try:
                 resp_headers = downstream_response_headers(resp.headers)
                 resp_headers.append((b"x-request-id", ex.request_id))
@@ -236,21 +306,27 @@ class Proxy:
                 watch.stop()
                 await send({"type": "http.response.body", "body": last, "more_body": False})
             except UpstreamError as exc:
-                logger.bind(service=name).warning(
-                    "upstream of {} broke off mid-response: {}", name, exc.reason
-                )
-                self._metrics.service(name).upstream_errors += 1
                 # the response has started: the only honest signal left is to cut the stream
-                raise
+                ex.error = f"upstream broke off mid-response: {exc.reason}"
+                self._metrics.service(name).upstream_errors += 1
+                abort = scope.get("extensions", {}).get("hestia.abort")
+                if abort is None:
+                    raise
+                abort()
             finally:
                 await resp.aclose()
         except asyncio.CancelledError:
             if watch.disconnected and task.uncancel() == 0:
                 ex.status = 499  # nginx's word for "client closed the request"
-                return  # the upstream connection is closed by now
+                return None  # the upstream connection is closed by now
             raise
         finally:
             watch.stop()
+        return None
+
+
+_RETRY = object()
+_IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
 class _Exchange:

@@ -1,23 +1,37 @@
-"""Which services exist: from hestia_config.yml and from opted-in (labelled) containers.
+"""Which services exist, and which instance is each one's: from hestia_config.yml and from
+instances that opted in with labels, across every backend the gateway runs.
 
-Labelled containers are found at start-up, followed through the backend's events (create,
-destroy, rename, start, die, health) and re-checked by a periodic reconcile in case an event
-was missed. Only containers that opted in (hestia.enable=true) or that the config file names
-are ever touched.
+The registry keeps a model of the instances each backend reported (discovered at start-up,
+followed through events, re-listed by a periodic reconcile in case an event was missed) and
+derives the services from it in one place, `_desired()`:
+
+- a `services:` entry naming an instance claims it (also when the instance carries labels:
+  they fill in what the entry does not set; a label naming another service is refused);
+- an instance labelled `hestia.enable=true` (for this gateway's scope) claims the service its
+  labels name, unless the config file says that service is another instance;
+- one instance, one service; one service, one instance: when several claim a name, instances
+  of one lineage (a compose service's container re-created by `docker compose up -d`)
+  replace each other and the newest wins; unrelated claimants are refused, logged once and
+  shown in the service's status.
+
+`_apply()` then creates, reconfigures, binds, unbinds and removes services to match. Only
+instances that opted in or that the config file names are ever touched.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
-from typing import Any
+import re
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, field
 
 from loguru import logger
 
 from hestia.backends.base import Backend, BackendEvent, InstanceInfo, InstanceNotFound
 from hestia.config import (
     HestiaConfig,
+    ServiceConfig,
     label_enabled,
     service_name_from_labels,
     valid_service_name,
@@ -25,30 +39,45 @@ from hestia.config import (
 from hestia.errors import ConfigError, HestiaError, ServiceNotFound
 from hestia.lifecycle import Service, StateListener
 
+# compose renames the container it replaces to "<12 hex of its id>_<name>"
+_RECREATE_NAME = re.compile(r"^[0-9a-f]{12}_")
+# after that rename, starts wait at most this long for the new container
+RECREATE_RENAME_HOLD_S = 30.0
+
+
+@dataclass
+class _Desired:
+    backend: str | None
+    info: InstanceInfo | None = None
+    conflicts: dict[str, str] = field(default_factory=dict)
+
 
 class Registry:
     def __init__(
         self,
         config: HestiaConfig,
-        backend: Backend | None,
+        backends: Mapping[str, Backend],
         on_transition: StateListener | None = None,
         on_new_service: Callable[[Service], None] | None = None,
     ) -> None:
         self.config = config
-        self.backend = backend
+        self.backends = dict(backends)
         self._on_transition = on_transition
         self._on_new_service = on_new_service
         self.services: dict[str, Service] = {}
-        self._by_instance: dict[str, Service] = {}  # instance id -> service
+        self._known: dict[str, dict[str, InstanceInfo]] = {name: {} for name in self.backends}
+        self._removals: dict[str, asyncio.TimerHandle] = {}
+        self._warned: set[str] = set()
         self._tasks: list[asyncio.Task[None]] = []
-        self._scope = config.docker.scope
-
-    def _new_service(self, svc_config: Any) -> Service:
-        networks = self.backend.self_networks if self.backend is not None else set
-        svc = Service(svc_config, self.backend, networks, self._on_transition)
-        if self._on_new_service is not None:
-            self._on_new_service(svc)
-        return svc
+        self._grace = config.docker.recreate_grace
+        for name, spec in config.static_services().items():
+            if spec.backend is not None and spec.backend not in self.backends:
+                raise ConfigError(
+                    f"invalid config in {config.source or 'config'}: services.{name}."
+                    f"backend: the {spec.backend!r} backend is not enabled"
+                    + (" (docker.enabled is false)" if spec.backend == "docker" else ""),
+                    service=name,
+                )
 
     def get(self, name: str) -> Service:
         try:
@@ -61,167 +90,294 @@ class Registry:
                 service=name,
             ) from None
 
+    def __contains__(self, name: str) -> bool:
+        return name in self.services
+
     # ---------------------------------------------------------------- start-up
     async def start(self) -> None:
-        for name, svc_config in self.config.static_services().items():
-            if svc_config.managed and self.backend is None:
-                logger.warning(
-                    "service {} names container {!r} but the Docker backend is disabled; "
-                    "it will fail to start",
-                    name,
-                    svc_config.container,
-                )
-            self.services[name] = self._new_service(svc_config)
-        if self.backend is None:
-            return
-        await self.reconcile()
-        self._tasks.append(asyncio.create_task(self._watch_events(), name="hestia-events"))
-        self._tasks.append(asyncio.create_task(self._reconcile_loop(), name="hestia-reconcile"))
+        self._apply(set())
+        for name, backend in self.backends.items():
+            events = backend.events()  # subscribe first, then list: nothing falls in between
+            await self.reconcile(name)
+            self._tasks.append(
+                asyncio.create_task(self._watch(name, backend, events), name=f"hestia-{name}")
+            )
+        if self.backends:
+            self._tasks.append(asyncio.create_task(self._reconcile_loop(), name="hestia-reconcile"))
 
-    async def reconcile(self) -> None:
-        """Bring the registry in line with what the backend has now."""
-        assert self.backend is not None
-        seen: set[str] = set()
-        for info in await self.backend.list_opted_in():
-            if self.backend.is_self(info) or not label_enabled(info.labels, self._scope):
+    async def reconcile(self, backend_name: str | None = None) -> None:
+        """Re-list what the backend(s) have now and bring the services in line."""
+        fresh: set[str] = set()
+        for name in [backend_name] if backend_name else list(self.backends):
+            backend = self.backends[name]
+            known: dict[str, InstanceInfo] = {}
+            for info in await backend.discover():
+                known[info.id] = info
+            for svc_name in self.config.services:
+                spec = self._spec_for_inspect(svc_name)
+                if spec is None or spec.backend != name or spec.instance is None:
+                    continue
+                svc = self.services.get(svc_name)
+                refs = {spec.instance} | ({svc.instance_id} if svc and svc.instance_id else set())
+                for ref in refs:
+                    with contextlib.suppress(InstanceNotFound):
+                        info = await backend.inspect(ref, spec)
+                        known[info.id] = info
+            self._known[name] = known
+            fresh |= set(known)
+        self._apply(fresh)
+
+    def _spec_for_inspect(self, name: str) -> ServiceConfig | None:
+        svc = self.services.get(name)
+        if svc is not None:
+            return svc.config
+        try:
+            return self.config.resolve(name)
+        except ConfigError:
+            return None
+
+    # ---------------------------------------------------------------- the model
+    def _desired(self) -> dict[str, _Desired]:
+        config = self.config
+        out: dict[str, _Desired] = {}
+        claims: dict[str, list[InstanceInfo]] = {}
+        by_name: dict[tuple[str, str], str] = {}  # (backend, instance name) -> service
+        for name in config.services:
+            spec = config.resolve(name)
+            out[name] = _Desired(spec.backend)
+            if spec.backend is not None and spec.instance is not None:
+                by_name[(spec.backend, spec.instance)] = name
+        for bname, known in self._known.items():
+            for info in known.values():
+                if info.is_self:
+                    continue
+                named = by_name.get((bname, info.name))
+                enabled = label_enabled(info.labels, config.docker.scope)
+                if named is not None:
+                    if enabled:
+                        labelled = service_name_from_labels(info.labels, info.name)
+                        if labelled != named and "hestia.service" in info.labels:
+                            self._conflict(
+                                out[named],
+                                info,
+                                f"labelled hestia.service={labelled} but services.{named} in "
+                                f"the config names it; one instance, one service: it stays "
+                                f"{named!r}",
+                            )
+                    claims.setdefault(named, []).append(info)
+                    continue
+                if not enabled:
+                    continue
+                name = service_name_from_labels(info.labels, info.name)
+                if not valid_service_name(name):
+                    self._warn_once(
+                        f"bad-name:{info.id}",
+                        f"instance {info.name} opted in with an invalid service name {name!r}: "
+                        "use letters, digits, '_', '.', '-'; set the hestia.service label",
+                    )
+                    continue
+                static = out.get(name)
+                if static is not None and name in config.services:
+                    spec = config.resolve(name)
+                    if spec.instance is not None and spec.instance != info.name:
+                        self._conflict(
+                            static,
+                            info,
+                            f"claims service {name!r} by its labels, but services.{name} in "
+                            f"the config names instance {spec.instance!r}",
+                        )
+                        continue
+                    if static.backend not in (None, bname):
+                        self._conflict(static, info, f"is on backend {bname}, not {static.backend}")
+                        continue
+                claims.setdefault(name, []).append(info)
+                if static is None:
+                    out[name] = _Desired(bname)
+                else:
+                    static.backend = bname
+        for name, candidates in claims.items():
+            self._choose(name, out[name], candidates)
+        # a config-named instance that was renamed stays the service's until an instance of
+        # the configured name appears (Hestia may have started it: it must not run forever)
+        for name, want in out.items():
+            svc = self.services.get(name)
+            if want.info is not None or svc is None or svc.instance_id is None:
                 continue
-            svc = self._register_labelled(info)
-            if svc is not None:
-                seen.add(svc.name)
-                svc.adopt(info)
-        for name, svc in list(self.services.items()):
-            if name in seen or svc.backend is None or svc.config.container is None:
+            if name in config.services and want.backend is not None:
+                kept = self._known.get(want.backend, {}).get(svc.instance_id)
+                if kept is not None and not kept.is_self:
+                    want.info = kept
+        return out
+
+    def _choose(self, name: str, want: _Desired, candidates: list[InstanceInfo]) -> None:
+        svc = self.services.get(name)
+        current = svc.instance_id if svc is not None else None
+        # the lineage that holds the service now keeps it; else the oldest claimant's
+        keep = next((c for c in candidates if c.id == current), None)
+        if keep is None:
+            keep = min(candidates, key=lambda c: (c.created, c.id))
+        family = [
+            c for c in candidates if c is keep or (keep.lineage and c.lineage == keep.lineage)
+        ]
+        for c in candidates:
+            if c not in family:
+                self._conflict(
+                    want,
+                    c,
+                    f"also claims service {name!r}, which instance {keep.name} has; "
+                    "one service, one instance: give it another hestia.service name",
+                )
+        # a running one wins (a create-first recreate keeps the old one serving until it
+        # stops), then the newest; and never back to an older one while the newer exists
+        best = max(family, key=lambda c: (c.running, c.created, c.id))
+        held = next((c for c in family if c.id == current), None)
+        if held is not None and (best.created, best.id) < (held.created, held.id):
+            best = held
+        want.info = best
+
+    def _conflict(self, want: _Desired, info: InstanceInfo, why: str) -> None:
+        want.conflicts[info.name] = why
+        self._warn_once(f"conflict:{info.id}:{why}", f"instance {info.name} {why}")
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            logger.error("{}", message)
+
+    def _apply(self, fresh: set[str]) -> None:
+        """Create, reconfigure, bind, unbind and remove services to match `_desired()`.
+        `fresh`: ids of instances inspected just now (only their state is adopted)."""
+        desired = self._desired()
+        for name, want in desired.items():
+            info = want.info
+            backend = self.backends.get(want.backend) if want.backend else None
+            try:
+                spec = self.config.resolve(
+                    name,
+                    info.labels if info is not None else None,
+                    instance=info.name if info is not None else None,
+                    backend=want.backend if info is not None else None,
+                )
+            except ConfigError as exc:
+                self._warn_once(f"labels:{info.id if info else name}:{exc.message}", exc.message)
                 continue
-            if name in self.config.services:
-                await self._adopt_static(svc)
+            svc = self.services.get(name)
+            if name in self._removals:
+                self._removals.pop(name).cancel()
+            if svc is None:
+                svc = Service(spec, backend, self._on_transition, recreate_grace=self._grace)
+                self.services[name] = svc
+                if self._on_new_service is not None:
+                    self._on_new_service(svc)
+                logger.info(
+                    "service {} found ({}{})",
+                    name,
+                    spec.source,
+                    f", instance {info.name} on {want.backend}" if info else "",
+                )
             else:
-                self._remove(svc, "its container is gone or no longer opted in")
-
-    async def _adopt_static(self, svc: Service) -> None:
-        assert self.backend is not None and svc.config.container is not None
-        try:
-            info = await self.backend.inspect(svc.config.container)
-        except InstanceNotFound:
-            return
-        except HestiaError as exc:
-            logger.warning("cannot inspect container of service {}: {}", svc.name, exc.message)
-            return
-        if self.backend.is_self(info):
-            logger.error("service {} names Hestia's own container; ignoring it", svc.name)
-            return
-        self._by_instance[info.id] = svc
-        svc.adopt(info)
-
-    def _register_labelled(self, info: InstanceInfo) -> Service | None:
-        name = service_name_from_labels(info.labels, info.name)
-        if not valid_service_name(name):
-            logger.error(
-                "container {} opted in with an invalid service name {!r}: use letters, digits, "
-                "'_', '.', '-'; set the hestia.service label",
-                info.name,
-                name,
-            )
-            return None
-        existing = self.services.get(name)
-        if existing is not None and existing.instance_id not in (None, info.id):
-            if existing.config.container not in (info.name, info.id):
-                logger.warning(
-                    "containers {} and {} both claim service {!r}; keeping {}",
-                    existing.config.container,
-                    info.name,
-                    name,
-                    existing.config.container,
+                svc.reconfigure(spec, backend)
+            svc.conflicts = want.conflicts
+            if info is None:
+                if svc.instance_id is not None:
+                    svc.unbind("its instance is gone")
+                continue
+            if info.id != svc.instance_id or info.id in fresh:
+                svc.bind(info)
+        for name, svc in self.services.items():
+            if name not in desired and name not in self._removals:
+                svc.unbind("its instance is gone or no longer opted in")
+                # held, not refused, for a moment: a replacement may be on its way
+                self._removals[name] = asyncio.get_running_loop().call_later(
+                    self._grace, self._remove, name
                 )
-                return None
-        try:
-            svc_config = self.config.resolve(name, info.labels, container=info.name)
-        except ConfigError as exc:
-            logger.error("container {} has invalid hestia labels: {}", info.name, exc.message)
-            return None
-        if existing is not None and existing.config == svc_config:
-            svc = existing
-        elif existing is not None:
-            existing.config = svc_config  # labels changed (container re-created): new settings
-            svc = existing
-        else:
-            svc = self._new_service(svc_config)
-            self.services[name] = svc
-            logger.info(
-                "service {} found on container {} (upstream port {})",
-                name,
-                info.name,
-                svc_config.port or "auto",
-            )
-        self._by_instance[info.id] = svc
-        return svc
 
-    def _remove(self, svc: Service, why: str) -> None:
-        if self.services.get(svc.name) is svc:
-            del self.services[svc.name]
-        for key in [k for k, v in self._by_instance.items() if v is svc]:
-            del self._by_instance[key]
-        svc.shutdown(f"service {svc.name!r} was removed: {why}")
-        logger.info("service {} removed: {}", svc.name, why)
+    def _remove(self, name: str) -> None:
+        self._removals.pop(name, None)
+        svc = self.services.pop(name, None)
+        if svc is None:
+            return
+        svc.remove("its instance is gone or no longer opted in, and none replaced it")
+        logger.info("service {} removed: its instance is gone or no longer opted in", name)
 
     # ---------------------------------------------------------------- events
-    async def _watch_events(self) -> None:
-        assert self.backend is not None
+    async def _watch(
+        self, name: str, backend: Backend, events: AsyncIterator[BackendEvent]
+    ) -> None:
         while True:
             try:
-                async for event in self.backend.events():
+                async for event in events:
                     try:
-                        await self.handle_event(event)
+                        await self.handle_event(name, event)
                     except Exception:
-                        logger.exception("handling Docker event {} failed", event)
+                        logger.exception("handling {} event {} failed", name, event)
             except asyncio.CancelledError:
                 raise
             except Exception:
-                logger.exception("Docker event stream failed; retrying in 1s")
+                logger.exception("{} event stream failed; retrying in 1s", name)
                 await asyncio.sleep(1.0)
+                events = backend.events()
+                await self.reconcile(name)
 
-    async def handle_event(self, event: BackendEvent) -> None:
-        assert self.backend is not None
-        svc = self._by_instance.get(event.id)
-        if event.kind in ("create", "rename"):
-            if event.kind == "rename" and svc is not None:
-                if svc.name in self.config.services:
-                    # the config names the container: the renamed one is no longer it
-                    del self._by_instance[event.id]
-                    svc.instance_id = None
-                    await self._adopt_static(svc)
-                    return
-                self._remove(svc, f"container renamed from {event.old_name} to {event.name}")
-            try:
-                info = await self.backend.inspect(event.id)
-            except InstanceNotFound:
-                return
-            if self.backend.is_self(info):
-                return
-            if label_enabled(info.labels, self._scope):
-                new = self._register_labelled(info)
-                if new is not None:
-                    new.adopt(info)
-            else:
-                for static in self.services.values():
-                    if static.config.container == info.name and static.name in self.config.services:
-                        self._by_instance[info.id] = static
-                        static.adopt(info)
+    def _bound(self, backend_name: str, instance_id: str) -> Service | None:
+        for svc in self.services.values():
+            if svc.instance_id == instance_id and (
+                svc.backend is not None and svc.backend is self.backends.get(backend_name)
+            ):
+                return svc
+        return None
+
+    def _interesting(self, backend_name: str, event: BackendEvent) -> bool:
+        if event.id in self._known.get(backend_name, {}) or "hestia.enable" in event.labels:
+            return True
+        names = {event.name, event.old_name}
+        return any(
+            e.container in names and (e.backend or "docker") == backend_name
+            for e in self.config.services.values()
+        )
+
+    async def handle_event(self, backend_name: str, event: BackendEvent) -> None:
+        backend = self.backends[backend_name]
+        if event.kind in ("disconnected", "reconnected"):
+            reason = event.reason if event.kind == "disconnected" else None
+            for each in self.services.values():
+                if each.backend is backend:
+                    each.set_reachable(reason)
+            if event.kind == "reconnected":
+                await self.reconcile(backend_name)
             return
-        if svc is None:
-            if event.kind == "start":
-                # a static service's container may have been (re)created since we looked
-                for static in self.services.values():
-                    if static.config.container == event.name:
-                        await self._adopt_static(static)
+        svc = self._bound(backend_name, event.id)
+        if event.kind == "health":
+            if svc is not None:
+                svc.on_event(event)
             return
+        if not self._interesting(backend_name, event):
+            return
+        known = self._known.setdefault(backend_name, {})
+        fresh: set[str] = set()
         if event.kind == "destroy":
-            del self._by_instance[event.id]
-            svc.instance_id = None
-            svc.on_event(BackendEvent("die", event.id, event.name))
-            if svc.name not in self.config.services:
-                self._remove(svc, f"container {event.name} was removed")
-            return
-        svc.on_event(event)
+            known.pop(event.id, None)
+        else:
+            spec = svc.config if svc is not None else self._any_spec()
+            try:
+                info = await backend.inspect(event.id, spec)
+            except InstanceNotFound:
+                known.pop(event.id, None)
+            else:
+                known[info.id] = info
+                fresh.add(info.id)
+        if svc is not None and event.kind in ("die", "stop", "start"):
+            # the bound instance's own news: the lifecycle acts on it; its state is not
+            # adopted again from the (possibly older) inspect
+            fresh.discard(event.id)
+            svc.on_event(event)
+        if svc is not None and event.kind == "rename" and _RECREATE_NAME.match(event.name):
+            # compose is re-creating it: the new container follows (released when it binds)
+            svc.hold_starts(max(self._grace, RECREATE_RENAME_HOLD_S))
+        self._apply(fresh)
+
+    def _any_spec(self) -> ServiceConfig:
+        return ServiceConfig(name="_")
 
     async def _reconcile_loop(self) -> None:
         interval = self.config.docker.reconcile_interval
@@ -229,10 +385,11 @@ class Registry:
             return
         while True:
             await asyncio.sleep(interval)
-            try:
-                await self.reconcile()
-            except HestiaError as exc:
-                logger.warning("reconcile with Docker failed: {}", exc.message)
+            for name in list(self.backends):
+                try:
+                    await self.reconcile(name)
+                except HestiaError as exc:
+                    logger.warning("reconcile with {} failed: {}", name, exc.message)
 
     # ---------------------------------------------------------------- shutdown
     def begin_shutdown(self) -> None:
@@ -241,6 +398,9 @@ class Registry:
 
     async def close(self) -> None:
         self.begin_shutdown()
+        for handle in self._removals.values():
+            handle.cancel()
+        self._removals.clear()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:

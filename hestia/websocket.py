@@ -13,9 +13,11 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
 from websockets.typing import Subprotocol
 
+from hestia.address import Upstream
 from hestia.errors import HestiaError, ServiceNotFound, UpstreamUnreachable, send_error
-from hestia.headers import PREFIX, upstream_request_headers
-from hestia.lifecycle import Service, Upstream
+from hestia.headers import TrustedProxies, upstream_request_headers
+from hestia.lifecycle import Service
+from hestia.router import Route
 from hestia.types import Receive, Scope, Send
 
 
@@ -24,39 +26,51 @@ async def relay_websocket(
     receive: Receive,
     send: Send,
     lookup: Callable[[str], Service],
-    parsed: tuple[str, bytes] | None,
+    route: Route,
+    trusted: TrustedProxies,
 ) -> None:
     """Accept the client's WebSocket once the service accepted ours, then relay both ways."""
-    if parsed is None:
+    if not route.service:
         await _reject(scope, send, ServiceNotFound("no service name in the path"))
         return
-    name, path = parsed
     try:
-        service = lookup(name)
+        service = lookup(route.service)
         upstream = await service.acquire()
     except HestiaError as err:
         await _reject(scope, send, err)
         return
     try:
-        await _relay(scope, receive, send, name, path, upstream)
+        await _relay(scope, receive, send, route, upstream, trusted)
     finally:
         service.release()
 
 
 async def _relay(
-    scope: Scope, receive: Receive, send: Send, name: str, path: bytes, upstream: Upstream
+    scope: Scope,
+    receive: Receive,
+    send: Send,
+    route: Route,
+    upstream: Upstream,
+    trusted: TrustedProxies,
 ) -> None:
+    name = route.service
     query: bytes = scope.get("query_string", b"")
-    target = (upstream.base_path + path + (b"?" + query if query else b"")).decode("latin-1")
+    target = (upstream.base_path + route.path + (b"?" + query if query else b"")).decode("latin-1")
     uri = f"ws://{upstream.host_header.decode('latin-1')}{target}"
     client = scope.get("client")
-    headers, _ = upstream_request_headers(
-        [(k, v) for k, v in scope["headers"] if not k.startswith(b"sec-websocket-")],
-        upstream,
-        client_ip=client[0] if client else None,
-        scheme="https" if scope.get("scheme") == "wss" else "http",
-        prefix=PREFIX + name.encode(),
-    )
+    client_ip = client[0] if client else None
+    try:
+        headers, _ = upstream_request_headers(
+            [(k, v) for k, v in scope["headers"] if not k.startswith(b"sec-websocket-")],
+            upstream,
+            client_ip=client_ip,
+            scheme="https" if scope.get("scheme") == "wss" else "http",
+            prefix=route.prefix,
+            trusted=trusted.trusts(client_ip),
+        )
+    except HestiaError as err:
+        await _reject(scope, send, err)
+        return
     extra = [
         (k.decode("latin-1"), v.decode("latin-1"))
         for k, v in headers
@@ -79,18 +93,18 @@ async def _relay(
             port=upstream.port,
         )
     except InvalidStatus as exc:
-        err = UpstreamUnreachable(
+        refused = UpstreamUnreachable(
             f"service {name!r} refused the WebSocket upgrade: HTTP {exc.response.status_code}",
             service=name,
         )
-        await _reject(scope, send, err)
+        await _reject(scope, send, refused)
         return
     except (OSError, TimeoutError, WebSocketException) as exc:
-        err = UpstreamUnreachable(
+        unreachable = UpstreamUnreachable(
             f"service {name!r} at {upstream.display} did not accept a WebSocket: {exc}",
             service=name,
         )
-        await _reject(scope, send, err)
+        await _reject(scope, send, unreachable)
         return
     await send({"type": "websocket.accept", "subprotocol": ws.subprotocol})
     async with ws:

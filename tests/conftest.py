@@ -25,6 +25,7 @@ from hestia.server import build_server
 TEST_LABEL = "hestia.test"
 RUN_ID = uuid.uuid4().hex[:8]
 
+os.environ.setdefault("HESTIA_STRICT", "1")  # an impossible lifecycle transition raises
 setup_logging("text", os.environ.get("HESTIA_TEST_LOG_LEVEL", "WARNING"))
 
 
@@ -228,6 +229,7 @@ async def gateway_factory(
     running: list[tuple[uvicorn.Server, asyncio.Task[None]]] = []
 
     async def start(raw_config: dict[str, Any], backend: Any = None) -> RunningGateway:
+        """`backend`: a backend, a {name: backend} mapping, or None (plain urls only)."""
         raw_config.setdefault("docker", {}).setdefault("enabled", backend is not None)
         raw_config.setdefault("database", {"url": f"sqlite:///{tmp_path}/hestia-{len(running)}.db"})
         config = parse_config(raw_config, source="test")
@@ -236,7 +238,6 @@ async def gateway_factory(
         # the same server and protocol class as `hestia serve` (loop choice aside: the test's
         # event loop is used)
         server = build_server(gateway, "127.0.0.1", port, shutdown_grace=5)
-        server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
         task = asyncio.create_task(server.serve())
         running.append((server, task))
         await wait_for(lambda: server.started or task.done(), 20, "the gateway to listen")

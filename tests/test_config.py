@@ -106,7 +106,7 @@ def test_config_wins_over_labels_key_by_key() -> None:
         "hestia.port": "11434",
         "hestia.health.path": "/api/tags",
     }
-    s = cfg.resolve("ollama", labels, container="ollama-1")
+    s = cfg.resolve("ollama", labels, instance="ollama-1", backend="docker")
     assert s.idle_timeout == 1800
     assert s.startup_timeout == 300
     assert s.port == 11434
@@ -136,7 +136,7 @@ def test_labels() -> None:
 def test_bad_label_value_is_a_config_error_naming_the_service() -> None:
     cfg = parse_config({})
     with pytest.raises(ConfigError, match=r"labels of service 'x'.*port"):
-        cfg.resolve("x", {"hestia.port": "eighty"}, container="x")
+        cfg.resolve("x", {"hestia.port": "eighty"}, instance="x", backend="docker")
 
 
 def test_invalid_service_name() -> None:

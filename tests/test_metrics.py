@@ -41,8 +41,11 @@ async def test_metrics_after_cold_start_404_and_502(
         assert (await client.get("/services/web/")).status_code == 200  # cold start
         assert (await client.get("/services/web/index.html")).status_code == 200
         assert (await client.get("/services/web/missing")).status_code == 404
-        assert (await client.post("/services/web/", content=b"12345")).status_code in (200, 501)
+        r = await client.post("/services/web/cgi-bin/stream?1", content=b"12345")
+        assert r.status_code == 200
         assert (await client.get("/services/dead/")).status_code == 502
+        for junk in ("nope", "nope2", "x" * 40):  # unknown names share one series
+            assert (await client.get(f"/services/{junk}/")).status_code == 404
         snap = (await client.get("/v1/metrics")).json()
         prom = (await client.get("/metrics")).text
 
@@ -60,7 +63,9 @@ async def test_metrics_after_cold_start_404_and_502(
     assert 0 < web["uptime_share"] <= 1
     dead = snap["services"]["dead"]
     assert dead["requests"]["5xx"] == 1 and dead["errors"] == 1 and dead["upstream_errors"] == 1
-    assert snap["totals"]["requests"] == 5
+    assert not {"nope", "nope2", "x" * 40} & set(snap["services"])
+    assert snap["services"]["<unknown>"]["requests"]["4xx"] == 3
+    assert snap["totals"]["requests"] == 8
     assert snap["totals"]["cold_starts"] == 1
 
     families = {f.name: f for f in text_string_to_metric_families(prom)}

@@ -1,13 +1,20 @@
-"""The Backend protocol: the few operations the lifecycle needs from whatever runs a service.
+"""The Backend protocol: the few operations the lifecycle and the registry need from whatever
+runs a service's instance (a Docker container today; a Swarm service, a container on another
+Docker host, a Semaphore task or a host process next).
 
-A backend knows how to start, stop and inspect one *instance* (a Docker container today; a
-Swarm service, a container on another Docker host or a Semaphore task later) and reports what
-happens to instances as a stream of events. It knows nothing about requests, idle time or
-states: that is the lifecycle's job.
+A backend speaks of *instances*: it starts, stops and inspects one, tells what it printed last,
+discovers the instances that opted in, and reports what happens to them as events. It hands
+back an *address* to proxy to; how it finds one (shared networks, published ports, a URL) is
+its own business. It knows nothing about requests, idle time or states: that is the
+lifecycle's job.
 
 Errors: `InstanceNotFound` when the instance does not exist, `BackendError` (hestia.errors) for
 anything else the backend refused. Implementations translate their library's exceptions once,
 at their boundary.
+
+Adding a backend: implement this protocol in `hestia/backends/<name>.py` (the only module that
+imports its client library), add its name to `config.KNOWN_BACKENDS`, and build it in
+`hestia/backends/__init__.py:build_backends()` from its config section.
 """
 
 from __future__ import annotations
@@ -16,6 +23,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
+from hestia.config import ServiceConfig
 from hestia.errors import BackendError
 
 __all__ = [
@@ -24,7 +32,7 @@ __all__ = [
     "BackendEvent",
     "InstanceInfo",
     "InstanceNotFound",
-    "resolve_address",
+    "StopResult",
 ]
 
 
@@ -41,20 +49,35 @@ class InstanceInfo:
     id: str
     name: str
     running: bool
-    status: str  # backend's own word: created, running, exited, restarting, ...
+    status: str  # the backend's own word: created, running, exited, restarting, ...
     health: HealthState = "none"  # "none": the instance has no health check of its own
     health_output: str = ""  # last health check's output, for error messages
     exit_code: int | None = None
     labels: dict[str, str] = field(default_factory=dict)
-    # network name -> IP address of the instance on it
-    networks: dict[str, str] = field(default_factory=dict)
-    # container port -> (host ip, host port) it is published on, if any
-    published: dict[int, tuple[str, int]] = field(default_factory=dict)
-    exposed: tuple[int, ...] = ()
+    # Where to reach the instance for the service's port, when the backend can tell.
+    address: tuple[str, int] | None = None
+    # Instances with the same non-empty `lineage` replace each other (a compose service's
+    # container re-created by `docker compose up -d`): the newest one is the service's.
+    lineage: str = ""
+    created: float = 0.0  # epoch seconds
     started_at: str | None = None
+    # True for the gateway's own instance: never started, stopped or proxied to.
+    is_self: bool = False
 
 
-EventKind = Literal["create", "destroy", "rename", "start", "die", "stop", "health", "update"]
+EventKind = Literal[
+    "create",
+    "destroy",
+    "rename",
+    "start",
+    "die",
+    "stop",
+    "health",
+    "update",
+    # the backend lost / regained its connection to what runs the instances
+    "disconnected",
+    "reconnected",
+]
 
 
 @dataclass(frozen=True)
@@ -66,69 +89,44 @@ class BackendEvent:
     health: HealthState | None = None  # for kind == "health"
     exit_code: int | None = None  # for kind == "die"
     old_name: str | None = None  # for kind == "rename"
+    reason: str = ""  # for kind == "disconnected"
+
+
+@dataclass(frozen=True)
+class StopResult:
+    killed: bool = False  # the instance did not stop within the timeout and was killed
 
 
 class Backend(Protocol):
     name: str
 
-    async def inspect(self, ref: str) -> InstanceInfo:
-        """Current facts about an instance (by name or id). Raises InstanceNotFound."""
+    async def inspect(self, ref: str, spec: ServiceConfig) -> InstanceInfo:
+        """Current facts about an instance (by name or id), with its address for `spec`'s
+        port. Raises InstanceNotFound."""
         ...
 
-    async def start(self, ref: str) -> None:
-        """Start a stopped instance; returns once the backend accepted it (not once healthy)."""
+    async def start(self, ref: str, spec: ServiceConfig) -> None:
+        """Start a stopped instance; returns once the backend accepted it (not once ready)."""
         ...
 
-    async def stop(self, ref: str, timeout: float = 10.0) -> None:
-        """Stop a running instance, gracefully within `timeout` seconds."""
+    async def stop(self, ref: str, spec: ServiceConfig, timeout: float) -> StopResult:
+        """Stop a running instance, gracefully within `timeout` seconds, then forcibly."""
         ...
 
     async def logs_tail(self, ref: str, lines: int = 20) -> str:
         """The last lines the instance printed, for error messages. '' when unavailable."""
         ...
 
-    async def list_opted_in(self) -> list[InstanceInfo]:
-        """Every instance that opted in (hestia.enable=true), running or not."""
+    async def discover(self) -> list[InstanceInfo]:
+        """Every instance that opted in with labels (hestia.enable), running or not.
+        Backends without labels return []."""
         ...
 
     def events(self) -> AsyncIterator[BackendEvent]:
-        """Instance events as they happen, forever, until the backend is closed."""
-        ...
-
-    def self_networks(self) -> set[str]:
-        """Networks Hestia itself is attached to (empty when Hestia runs on the host)."""
-        ...
-
-    def is_self(self, info: InstanceInfo) -> bool:
-        """True when the instance is Hestia's own container."""
+        """Instance events as they happen, until the backend is closed. The subscription
+        starts with this call (not with the first iteration): the registry subscribes, then
+        lists, so nothing that happens in between is missed. Backends without an event
+        source never yield."""
         ...
 
     async def close(self) -> None: ...
-
-
-def resolve_address(
-    info: InstanceInfo, port: int | None, self_networks: set[str]
-) -> tuple[str, int] | None:
-    """Where to reach an instance, when no `url` is configured.
-
-    1. The port: `port` (hestia.port / config) or, if the image exposes exactly one port, that
-       one, else 80.
-    2. Hestia in a container: the instance's IP on a network both share.
-    3. Hestia on the host: the published port on the host, if the port is published
-       (0.0.0.0 / :: become 127.0.0.1); else the instance's IP on its first network.
-    """
-    if port is None:
-        port = info.exposed[0] if len(info.exposed) == 1 else 80
-    shared = [net for net in info.networks if net in self_networks]
-    for net in shared:
-        if info.networks[net]:
-            return info.networks[net], port
-    if not self_networks and port in info.published:
-        host_ip, host_port = info.published[port]
-        if host_ip in ("", "0.0.0.0", "::"):
-            host_ip = "127.0.0.1"
-        return host_ip, host_port
-    for ip in info.networks.values():
-        if ip:
-            return ip, port
-    return None

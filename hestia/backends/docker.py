@@ -1,8 +1,9 @@
 """Docker backend: the only module of Hestia that imports docker-py.
 
 docker-py is blocking, so every call runs on a small thread pool of our own; the events stream
-gets a dedicated thread that hands events to the event loop. docker-py's exceptions are
-translated here, once, into InstanceNotFound / BackendError.
+is followed by the shared EventPump. docker-py's exceptions are translated once, in `_mapped`,
+into InstanceNotFound / BackendError. Docker's networking (shared networks, published ports,
+"is this Hestia's own container") stays in here: the lifecycle only sees an address.
 """
 
 from __future__ import annotations
@@ -11,17 +12,25 @@ import asyncio
 import contextlib
 import os
 import re
-import threading
-from collections.abc import AsyncIterator, Callable
+import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from datetime import datetime
+from typing import Any, TypeVar, cast
 
 import docker
 import docker.errors
 from loguru import logger
 
-from hestia.backends.base import BackendEvent, HealthState, InstanceInfo, InstanceNotFound
-from hestia.config import label_enabled
+from hestia.backends.base import (
+    BackendEvent,
+    HealthState,
+    InstanceInfo,
+    InstanceNotFound,
+    StopResult,
+)
+from hestia.backends.events import EventPump
+from hestia.config import ServiceConfig
 from hestia.errors import BackendError
 
 T = TypeVar("T")
@@ -53,31 +62,77 @@ def _own_container_id() -> str | None:
     return None
 
 
-def _info_from_inspect(data: dict[str, Any]) -> InstanceInfo:
+@contextlib.contextmanager
+def _mapped(what: str) -> Iterator[None]:
+    """docker-py's exceptions -> ours, once. `what`: e.g. "starting container 'ollama'"."""
+    try:
+        yield
+    except docker.errors.NotFound as exc:
+        raise InstanceNotFound(f"{what}: the container does not exist") from exc
+    except docker.errors.APIError as exc:
+        raise BackendError(f"{what}: Docker refused: {exc.explanation or exc}") from exc
+    except docker.errors.DockerException as exc:
+        raise BackendError(f"{what} failed: {exc}") from exc
+    except OSError as exc:  # the socket itself (engine gone, proxy down)
+        raise BackendError(f"{what} failed: cannot reach the Docker engine ({exc})") from exc
+
+
+def _parse_time(stamp: str | None) -> float:
+    if not stamp:
+        return 0.0
+    # Docker: 2024-05-01T10:20:30.123456789Z (nanoseconds; fromisoformat takes microseconds)
+    m = re.match(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(\.\d+)?(Z|[+-]\d\d:\d\d)?$", stamp)
+    if not m:
+        return 0.0
+    frac = (m.group(2) or ".0")[:7]
+    zone = m.group(3) or "Z"
+    zone = "+00:00" if zone == "Z" else zone
+    try:
+        return datetime.fromisoformat(m.group(1) + frac + zone).timestamp()
+    except ValueError:
+        return 0.0
+
+
+def _lineage(labels: dict[str, str]) -> str:
+    """Containers of one compose service (and replica number) replace each other."""
+    project = labels.get("com.docker.compose.project")
+    service = labels.get("com.docker.compose.service")
+    if not project or not service:
+        return ""
+    number = labels.get("com.docker.compose.container-number", "1")
+    return f"compose:{project}/{service}/{number}"
+
+
+def info_from_inspect(
+    data: dict[str, Any],
+    port: int | None = None,
+    self_networks: frozenset[str] = frozenset(),
+    self_id: str | None = None,
+) -> InstanceInfo:
+    """docker inspect's answer -> InstanceInfo, with the address for `port` (see
+    `resolve_address`)."""
     state = data.get("State") or {}
     config = data.get("Config") or {}
     health_data = state.get("Health")
     health: HealthState = "none"
     health_output = ""
+    test = (config.get("Healthcheck") or {}).get("Test")
     if health_data:
-        health = health_data.get("Status", "starting") or "starting"
-        if health not in ("starting", "healthy", "unhealthy"):
-            health = "starting"
+        status = health_data.get("Status", "starting") or "starting"
+        if status in ("starting", "healthy", "unhealthy"):
+            health = cast(HealthState, status)
         log = health_data.get("Log") or []
         if log:
             health_output = str(log[-1].get("Output", "")).strip()
-    elif not (config.get("Healthcheck") or {}).get("Test") or (
-        (config.get("Healthcheck") or {}).get("Test") == ["NONE"]
-    ):
-        health = "none"
-    else:
+    elif test and test != ["NONE"]:
         health = "starting"
+    settings = data.get("NetworkSettings") or {}
     networks = {
         name: (net or {}).get("IPAddress", "")
-        for name, net in ((data.get("NetworkSettings") or {}).get("Networks") or {}).items()
+        for name, net in (settings.get("Networks") or {}).items()
     }
     published: dict[int, tuple[str, int]] = {}
-    for key, binds in ((data.get("NetworkSettings") or {}).get("Ports") or {}).items():
+    for key, binds in (settings.get("Ports") or {}).items():
         port_s, _, proto = key.partition("/")
         if proto != "tcp" or not binds:
             continue
@@ -93,6 +148,7 @@ def _info_from_inspect(data: dict[str, Any]) -> InstanceInfo:
             if k.endswith("/tcp")
         )
     )
+    labels = dict(config.get("Labels") or {})
     return InstanceInfo(
         id=data["Id"],
         name=data.get("Name", "").lstrip("/"),
@@ -101,159 +157,50 @@ def _info_from_inspect(data: dict[str, Any]) -> InstanceInfo:
         health=health,
         health_output=health_output,
         exit_code=state.get("ExitCode"),
-        labels=dict(config.get("Labels") or {}),
-        networks=networks,
-        published=published,
-        exposed=exposed,
+        labels=labels,
+        address=resolve_address(networks, published, exposed, port, self_networks),
+        lineage=_lineage(labels),
+        created=_parse_time(data.get("Created")),
         started_at=state.get("StartedAt"),
+        is_self=self_id is not None and data["Id"] == self_id,
     )
 
 
-class DockerBackend:
-    name = "docker"
+def resolve_address(
+    networks: dict[str, str],
+    published: dict[int, tuple[str, int]],
+    exposed: tuple[int, ...],
+    port: int | None,
+    self_networks: frozenset[str],
+) -> tuple[str, int] | None:
+    """Where to reach a container, when no `url` is configured.
 
-    def __init__(self, base_url: str | None = None, self_container: str | None = None) -> None:
-        try:
-            if base_url:
-                self._client = docker.APIClient(base_url=base_url, version="auto")
-            else:
-                self._client = docker.from_env(version="auto").api
-            self._client.ping()
-        except docker.errors.DockerException as exc:
-            raise BackendError(
-                f"cannot reach the Docker engine ({exc}); is the daemon running and is "
-                "/var/run/docker.sock mounted (or DOCKER_HOST set)?"
-            ) from exc
-        self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="hestia-docker")
-        self._closed = False
-        self._event_streams: list[Any] = []
-        self._self_id: str | None = None
-        self._self_networks: set[str] = set()
-        own = self_container or _own_container_id()
-        if own:
-            try:
-                me = self._client.inspect_container(own)
-                self._self_id = me["Id"]
-                self._self_networks = set(
-                    ((me.get("NetworkSettings") or {}).get("Networks") or {}).keys()
-                )
-            except docker.errors.DockerException:
-                logger.warning("running in container {} but cannot inspect it", own)
-
-    async def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, lambda: fn(*args, **kwargs))
-
-    async def inspect(self, ref: str) -> InstanceInfo:
-        try:
-            data = await self._call(self._client.inspect_container, ref)
-        except docker.errors.NotFound as exc:
-            raise InstanceNotFound(f"container {ref!r} does not exist") from exc
-        except docker.errors.DockerException as exc:
-            raise BackendError(f"inspecting container {ref!r} failed: {exc}") from exc
-        return _info_from_inspect(data)
-
-    async def start(self, ref: str) -> None:
-        try:
-            await self._call(self._client.start, ref)
-        except docker.errors.NotFound as exc:
-            raise InstanceNotFound(f"container {ref!r} does not exist") from exc
-        except docker.errors.APIError as exc:
-            raise BackendError(
-                f"Docker refused to start container {ref!r}: {exc.explanation or exc}"
-            ) from exc
-        except docker.errors.DockerException as exc:
-            raise BackendError(f"starting container {ref!r} failed: {exc}") from exc
-
-    async def stop(self, ref: str, timeout: float = 10.0) -> None:
-        try:
-            await self._call(self._client.stop, ref, timeout=int(timeout))
-        except docker.errors.NotFound as exc:
-            raise InstanceNotFound(f"container {ref!r} does not exist") from exc
-        except docker.errors.DockerException as exc:
-            raise BackendError(f"stopping container {ref!r} failed: {exc}") from exc
-
-    async def logs_tail(self, ref: str, lines: int = 20) -> str:
-        try:
-            raw = await self._call(self._client.logs, ref, tail=lines, stdout=True, stderr=True)
-        except docker.errors.DockerException:
-            return ""
-        return raw.decode("utf-8", "replace").strip() if isinstance(raw, bytes) else str(raw)
-
-    async def list_opted_in(self) -> list[InstanceInfo]:
-        try:
-            rows = await self._call(
-                self._client.containers, all=True, filters={"label": "hestia.enable"}
-            )
-        except docker.errors.DockerException as exc:
-            raise BackendError(f"listing containers failed: {exc}") from exc
-        out = []
-        for row in rows:
-            if not label_enabled(row.get("Labels") or {}):
-                continue
-            try:
-                out.append(await self.inspect(row["Id"]))
-            except InstanceNotFound:
-                continue  # removed between list and inspect
-        return out
-
-    def self_networks(self) -> set[str]:
-        return set(self._self_networks)
-
-    def is_self(self, info: InstanceInfo) -> bool:
-        return self._self_id is not None and info.id == self._self_id
-
-    async def events(self) -> AsyncIterator[BackendEvent]:
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[BackendEvent | BaseException] = asyncio.Queue()
-        stop = threading.Event()
-
-        def pump() -> None:
-            since: int | None = None  # after a reconnect, resume where the stream broke off
-            while not stop.is_set() and not self._closed:
-                try:
-                    stream = self._client.events(
-                        decode=True, filters={"type": "container"}, since=since
-                    )
-                    self._event_streams.append(stream)
-                    for raw in stream:
-                        since = raw.get("time", since)
-                        ev = _event_from_raw(raw)
-                        if ev is not None:
-                            loop.call_soon_threadsafe(queue.put_nowait, ev)
-                except Exception as exc:
-                    if stop.is_set() or self._closed:
-                        return
-                    logger.warning("Docker events stream broke ({}); reconnecting in 1s", exc)
-                    stop.wait(1.0)
-
-        thread = threading.Thread(target=pump, name="hestia-docker-events", daemon=True)
-        thread.start()
-        try:
-            while True:
-                item = await queue.get()
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            stop.set()
-            self._close_streams()
-
-    def _close_streams(self) -> None:
-        for stream in self._event_streams:
-            with contextlib.suppress(Exception):
-                stream.close()
-        self._event_streams.clear()
-
-    async def close(self) -> None:
-        self._closed = True
-        self._close_streams()
-        self._pool.shutdown(wait=False, cancel_futures=True)
-        with contextlib.suppress(Exception):
-            self._client.close()
+    1. The port: `port` (hestia.port / config) or, if the image exposes exactly one port, that
+       one, else 80.
+    2. Hestia in a container: the container's IP on a network both share.
+    3. Hestia on the host: the published port on the host, if the port is published
+       (0.0.0.0 / :: become 127.0.0.1); else the container's IP on its first network.
+    """
+    if port is None:
+        port = exposed[0] if len(exposed) == 1 else 80
+    for net, ip in networks.items():
+        if net in self_networks and ip:
+            return ip, port
+    if not self_networks and port in published:
+        host_ip, host_port = published[port]
+        if host_ip in ("", "0.0.0.0", "::"):
+            host_ip = "127.0.0.1"
+        return host_ip, host_port
+    for ip in networks.values():
+        if ip:
+            return ip, port
+    return None
 
 
-def _event_from_raw(raw: dict[str, Any]) -> BackendEvent | None:
+def event_from_raw(raw: dict[str, Any]) -> BackendEvent | None:
+    """One decoded Docker event -> BackendEvent (None: not one the registry follows)."""
+    if raw.get("Type", "container") != "container":
+        return None
     action = str(raw.get("Action") or raw.get("status") or "")
     actor = raw.get("Actor") or {}
     attrs: dict[str, str] = dict(actor.get("Attributes") or {})
@@ -276,3 +223,110 @@ def _event_from_raw(raw: dict[str, Any]) -> BackendEvent | None:
             exit_code = int(attrs.get("exitCode", ""))
     old = attrs.get("oldName", "").lstrip("/") or None
     return BackendEvent(kind, cid, name, attrs, exit_code=exit_code, old_name=old)  # type: ignore[arg-type]
+
+
+class DockerBackend:
+    name = "docker"
+
+    def __init__(self, base_url: str | None = None, self_container: str | None = None) -> None:
+        try:
+            if base_url:
+                self._client = docker.APIClient(base_url=base_url, version="auto")
+            else:
+                self._client = docker.from_env(version="auto").api
+            self._client.ping()
+        except docker.errors.DockerException as exc:
+            raise BackendError(
+                f"cannot reach the Docker engine ({exc}); is the daemon running and is "
+                "/var/run/docker.sock mounted (or DOCKER_HOST set)?"
+            ) from exc
+        self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="hestia-docker")
+        self._self_id: str | None = None
+        self._self_networks: frozenset[str] = frozenset()
+        own = self_container or _own_container_id()
+        if own:
+            try:
+                me = self._client.inspect_container(own)
+                self._self_id = me["Id"]
+                self._self_networks = frozenset(
+                    ((me.get("NetworkSettings") or {}).get("Networks") or {}).keys()
+                )
+            except docker.errors.DockerException:
+                logger.warning("running in container {} but cannot inspect it", own)
+        self._pump: EventPump[dict[str, Any]] = EventPump(
+            "Docker",
+            lambda since: self._client.events(
+                decode=True, filters={"type": "container"}, since=since
+            ),
+            event_from_raw,
+            lambda raw: raw.get("time"),
+            lambda stream: stream.close(),  # type: ignore[attr-defined]
+            # Docker's `since` is in whole seconds: a second back, a few old events come
+            # again, which the registry takes in its stride; none is lost
+            lambda: int(time.time()) - 1,
+        )
+
+    async def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, lambda: fn(*args, **kwargs))
+
+    def _info(self, data: dict[str, Any], port: int | None) -> InstanceInfo:
+        return info_from_inspect(data, port, self._self_networks, self._self_id)
+
+    async def inspect(self, ref: str, spec: ServiceConfig) -> InstanceInfo:
+        with _mapped(f"inspecting container {ref!r}"):
+            data = await self._call(self._client.inspect_container, ref)
+        return self._info(data, spec.port)
+
+    async def start(self, ref: str, spec: ServiceConfig) -> None:
+        if self._self_id is not None and ref in (self._self_id, self._self_id[:12]):
+            raise BackendError(f"container {ref!r} is Hestia's own container; not starting it")
+        with _mapped(f"starting container {ref!r}"):
+            await self._call(self._client.start, ref)
+
+    async def stop(self, ref: str, spec: ServiceConfig, timeout: float) -> StopResult:
+        seconds = max(0, round(timeout))
+        t0 = time.monotonic()
+        with _mapped(f"stopping container {ref!r}"):
+            await self._call(self._client.stop, ref, timeout=seconds)
+        took = time.monotonic() - t0
+        killed = False
+        if took >= seconds:
+            with contextlib.suppress(BackendError):
+                with _mapped(f"inspecting container {ref!r}"):
+                    data = await self._call(self._client.inspect_container, ref)
+                killed = (data.get("State") or {}).get("ExitCode") == 137
+        return StopResult(killed=killed)
+
+    async def logs_tail(self, ref: str, lines: int = 20) -> str:
+        try:
+            raw = await self._call(self._client.logs, ref, tail=lines, stdout=True, stderr=True)
+        except (docker.errors.DockerException, OSError):
+            return ""
+        return raw.decode("utf-8", "replace").strip() if isinstance(raw, bytes) else str(raw)
+
+    async def discover(self) -> list[InstanceInfo]:
+        with _mapped("listing labelled containers"):
+            rows = await self._call(
+                self._client.containers, all=True, filters={"label": "hestia.enable"}
+            )
+        out = []
+        for row in rows:
+            try:
+                with _mapped(f"inspecting container {row['Id'][:12]}"):
+                    data = await self._call(self._client.inspect_container, row["Id"])
+            except InstanceNotFound:
+                continue  # removed between list and inspect
+            labels = (data.get("Config") or {}).get("Labels") or {}
+            port = labels.get("hestia.port")
+            out.append(self._info(data, int(port) if port and port.isdigit() else None))
+        return out
+
+    def events(self) -> Any:
+        return self._pump.events()
+
+    async def close(self) -> None:
+        self._pump.close()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        with contextlib.suppress(Exception):
+            self._client.close()

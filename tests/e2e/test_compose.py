@@ -57,7 +57,7 @@ def run(cmd: list[str], timeout: float = 120, **kwargs: Any) -> str:
     if proc.returncode != 0:
         output = f"{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{output}")
-    return proc.stdout
+    return str(proc.stdout)
 
 
 def wait_until(

@@ -3,28 +3,25 @@ Hestia knows, with a value it accepts. No Docker needed."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
 import yaml
 
-from hestia.config import HestiaConfig, label_enabled, load_config
+from hestia.config import LABELS, HestiaConfig, label_enabled, load_config
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((REPO / "examples").glob("*.yml"))
 COMPOSE_FILES = [REPO / "docker-compose.yml", *sorted((REPO / "compose").glob("*.yml"))]
-# The labels documented in the README.
-KNOWN_LABELS = {
-    "hestia.enable",
-    "hestia.service",
-    "hestia.port",
-    "hestia.url",
-    "hestia.idle_timeout",
-    "hestia.startup_timeout",
-    "hestia.health.path",
-    "hestia.health.status",
-    "hestia.health.type",
-}
+KNOWN_LABELS = {f"hestia.{key}" for key in LABELS}
+
+
+def test_readme_label_table_is_the_label_vocabulary() -> None:
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("## Labels", 1)[1].split("\n## ", 1)[0]
+    documented = set(re.findall(r"^\| `(hestia\.[a-z_.]+)`", section, re.MULTILINE))
+    assert documented == KNOWN_LABELS
 
 
 def test_the_examples_are_there() -> None:
@@ -59,5 +56,5 @@ def test_compose_labels_are_known_and_valid(path: Path) -> None:
         assert not unknown, f"{path.name}: {service}: unknown labels {sorted(unknown)}"
         assert label_enabled(labels), f"{path.name}: {service}: hestia.enable is not true"
         name = labels.get("hestia.service", service)
-        resolved = HestiaConfig().resolve(name, labels, container=name)
+        resolved = HestiaConfig().resolve(name, labels, instance=name, backend="docker")
         assert resolved.port or resolved.url, f"{path.name}: {service}: no hestia.port/url"
