@@ -220,14 +220,12 @@ class Store:
             self._note_failure(exc)
 
     def schema_version(self) -> int:
-        with self._lock, self._mapped("read its schema version"):
-            self._check_file()
+        with self._use("read its schema version"):
             with Session(self.engine) as session:
                 return _version_of(session.get(MetaRow, "schema_version"), self.where)
 
     def tables(self) -> list[str]:
-        with self._lock, self._mapped("list its tables"):
-            self._check_file()
+        with self._use("list its tables"):
             return sorted(inspect(self.engine).get_table_names())
 
     def _migrate_locked(self) -> None:
@@ -274,8 +272,7 @@ class Store:
             "rowid, name, state, last_activity, started_at, last_error, requests_by_class, "
             "errors, cold_starts, updated_at"
         )
-        with self._lock, self._mapped("read the stored services"):
-            self._check_file()
+        with self._use("read the stored services"):
             with self.engine.connect() as conn:
                 raw = conn.execute(text(f"SELECT {columns} FROM hestia_service")).all()
         services: dict[str, StoredService] = {}
@@ -304,8 +301,7 @@ class Store:
 
     def events(self, service: str, limit: int = 100) -> list[EventRow]:
         """The service's newest events first. Blocking: call it in a thread."""
-        with self._lock, self._mapped("read the events"):
-            self._check_file()
+        with self._use("read the events"):
             with Session(self.engine) as session:
                 query = (
                     select(EventRow)
@@ -561,12 +557,18 @@ class Store:
     def _leave_wal(self, path: Path) -> None:
         """Switch a WAL database back to a rollback journal without mapping its -shm file."""
         with self._mapped("switch it out of WAL mode"):
-            conn = sqlite3.connect(path, timeout=_BUSY_TIMEOUT_S, isolation_level=None)
+            # short: a program that has the file open in WAL mode keeps it so; waiting is moot
+            conn = sqlite3.connect(path, timeout=0.5, isolation_level=None)
             try:
                 conn.execute("PRAGMA mmap_size=0")
                 # before the first access: SQLite keeps the WAL index in heap memory
                 conn.execute("PRAGMA locking_mode=EXCLUSIVE")
-                mode = conn.execute("PRAGMA journal_mode=TRUNCATE").fetchone()[0]
+                try:
+                    mode = conn.execute("PRAGMA journal_mode=TRUNCATE").fetchone()[0]
+                except sqlite3.OperationalError as exc:
+                    if not str(getattr(exc, "sqlite_errorname", "")).startswith("SQLITE_BUSY"):
+                        raise
+                    mode = "busy"
                 if mode != "truncate":
                     raise StoreUnavailable(
                         f"state database {path} is in WAL mode and another program has it open; "
@@ -589,6 +591,17 @@ class Store:
     def _drop_connection(self) -> None:
         self.engine.dispose()
         self._connected = False
+
+    @contextlib.contextmanager
+    def _use(self, doing: str) -> Iterator[None]:
+        """Hold the checked connection for a read; a failure shows in health() too."""
+        try:
+            with self._lock, self._mapped(doing):
+                self._check_file()
+                yield
+        except StoreError as exc:
+            self._note_failure(exc)
+            raise
 
     @contextlib.contextmanager
     def _mapped(self, doing: str) -> Iterator[None]:
