@@ -226,7 +226,7 @@ class ReadOnly:
         done = subprocess.run(["mount", "--bind", str(directory), str(directory)])
         if done.returncode != 0:
             pytest.skip("as root, neither chattr +i nor a read-only bind mount is possible here")
-        self._undo.append(lambda: self._run("umount", str(directory)))
+        self._undo.append(lambda: self._run("umount", "--lazy", str(directory)))
         self._run("mount", "-o", "remount,bind,ro", str(directory))
 
     @staticmethod
