@@ -334,7 +334,14 @@ class Store:
             self._inflight = future
             # settles (requeues on failure) even when the caller is cancelled mid-write
             future.add_done_callback(partial(self._settle, events, services))
-            await asyncio.shield(future)
+            try:
+                await asyncio.shield(future)
+            except StoreError:
+                raise
+            except Exception as exc:  # a bug, not the database; _settle logged it
+                raise StoreUnavailable(
+                    f"state database {self.where}: writing failed: {exc!r}"
+                ) from exc
 
     def _write(self, events: list[EventRow], services: dict[str, ServiceRow]) -> None:
         with self._lock, self._mapped("write to it"):
@@ -369,7 +376,8 @@ class Store:
         with self._health_lock:
             self._failed_writes += 1
         if not isinstance(exc, StoreError):
-            logger.opt(exception=exc).error("writing to state database {} failed", self.where)
+            if self._error is None:  # a bug, not the database: its traceback, once
+                logger.opt(exception=exc).error("writing to state database {} failed", self.where)
             exc = StoreUnavailable(f"state database {self.where}: writing failed: {exc!r}")
         assert isinstance(exc, StoreError)
         self._note_failure(exc)
