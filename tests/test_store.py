@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
 import uuid
 from pathlib import Path
@@ -11,11 +12,11 @@ from typing import Any
 import httpx
 import pytest
 
-from hestia.store import SCHEMA_VERSION, EventRow, ServiceRow, Store
+from hestia.store import SCHEMA_VERSION, EventRow, ServiceRow, Store, StoreError
 from tests.conftest import ContainerFactory, wait_for
 
 
-async def test_schema_created_once_wal_and_versioned(tmp_path: Path) -> None:
+async def test_schema_created_once_rollback_journal_and_versioned(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path}/sub/hestia.db"
     store = Store(url)
     store.migrate()
@@ -35,8 +36,11 @@ async def test_schema_created_once_wal_and_versioned(tmp_path: Path) -> None:
     )
     store.snapshot_service(ServiceRow(name="a", state="starting", last_activity=123.0))
     await store.close()  # a clean shutdown writes what was queued
-    with sqlite3.connect(tmp_path / "sub" / "hestia.db") as db:
-        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    db_file = tmp_path / "sub" / "hestia.db"
+    # not WAL: its -shm file would be mapped into the gateway (a damaged one kills it, SIGBUS)
+    assert db_file.read_bytes()[18:20] == b"\x01\x01"
+    assert not {f"{db_file.name}-shm", f"{db_file.name}-wal"} & set(os.listdir(db_file.parent))
+    with sqlite3.connect(db_file) as db:
         assert db.execute("SELECT service, to_state FROM hestia_event").fetchall() == [
             ("a", "starting")
         ]
@@ -52,8 +56,9 @@ def test_newer_schema_is_refused(tmp_path: Path) -> None:
     store.migrate()
     with sqlite3.connect(tmp_path / "h.db") as db:
         db.execute("UPDATE hestia_meta SET value='999' WHERE key='schema_version'")
-    with pytest.raises(RuntimeError, match="newer than this Hestia"):
+    with pytest.raises(StoreError, match="newer than this Hestia") as caught:
         store.migrate()
+    assert str(tmp_path / "h.db") in caught.value.message
     store.engine.dispose()
 
 
