@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 from fastapi import FastAPI, Query, Request
@@ -17,7 +18,7 @@ from hestia.errors import HestiaError, ServiceStartTimeout, StartCancelled, erro
 from hestia.lifecycle import State
 from hestia.metrics import Metrics, PrometheusCollector
 from hestia.registry import Registry
-from hestia.store import Store
+from hestia.store import Store, StoreError
 
 
 class ErrorDetail(BaseModel):
@@ -63,10 +64,23 @@ class ServiceList(BaseModel):
     services: list[ServiceStatus]
 
 
-class Health(BaseModel):
+class StoreHealth(BaseModel):
     status: str
+    url: str
+    error: str | None
+    since: float | None
+    pending_events: int
+    dropped_events: int
+    failed_writes: int
+    recreated: int
+    last_write: float | None
+
+
+class Health(BaseModel):
+    status: str  # "ok", or "degraded" when the state store cannot write (proxying goes on)
     version: str
     services: int
+    store: StoreHealth
 
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
@@ -123,7 +137,13 @@ def build_api(registry: Registry, metrics: Metrics, store: Store) -> FastAPI:
 
     @api.get("/v1/health", response_model=Health)
     async def health() -> Health:
-        return Health(status="ok", version=__version__, services=len(registry.services))
+        store_health = store.health()
+        return Health(
+            status="ok" if store_health["status"] == "ok" else "degraded",
+            version=__version__,
+            services=len(registry.services),
+            store=StoreHealth(**store_health),
+        )
 
     @api.get("/v1/services", response_model=ServiceList)
     async def list_services() -> dict[str, Any]:
@@ -147,7 +167,8 @@ def build_api(registry: Registry, metrics: Metrics, store: Store) -> FastAPI:
         """The service's lifecycle history, newest first."""
         if name not in registry.services:
             registry.get(name)  # raises the 404
-        await store.flush()
+        with contextlib.suppress(StoreError):
+            await store.flush()  # a store that cannot write may still read
         rows = await asyncio.to_thread(store.events, name, limit)
         return {"service": name, "events": [row.model_dump() for row in rows]}
 

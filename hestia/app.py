@@ -21,7 +21,7 @@ from hestia.metrics import Metrics
 from hestia.proxy import Proxy
 from hestia.registry import Registry
 from hestia.router import Router
-from hestia.store import EventRow, ServiceRow, Store, error_json, wall
+from hestia.store import EventRow, ServiceRow, Store, StoredService, error_json, wall
 from hestia.types import Receive, Scope, Send
 from hestia.upstream import UpstreamPool
 
@@ -61,7 +61,7 @@ class Gateway:
             TrustedProxies(config.server.trusted_proxies),
         )
         self.api = build_api(self.registry, self.metrics, self.store)
-        self._restored: dict[str, ServiceRow] = {}
+        self._restored: dict[str, StoredService] = {}
         self._snapshot_task: asyncio.Task[None] | None = None
         self._started = False
 
@@ -82,11 +82,9 @@ class Gateway:
         m = self.metrics.service(svc.name)
         if row is None:
             return
-        svc.restore(
-            row.state, row.last_activity, json.loads(row.last_error) if row.last_error else None
-        )
+        svc.restore(row.state, row.last_activity, row.last_error)
         if not any(m.requests):  # carry the request counters across restarts
-            m.requests = [int(n) for n in json.loads(row.requests_by_class)][:5]
+            m.requests = list(row.requests_by_class)
             m.errors = row.errors
             m.cold_starts = row.cold_starts
 
@@ -136,7 +134,7 @@ class Gateway:
             return
         self._started = True
         await asyncio.to_thread(self.store.migrate)
-        self._restored = await asyncio.to_thread(self.store.load_services)
+        self._restored = await asyncio.to_thread(self.store.load_service_states)
         self.store.start()
         await self.registry.start()
         self._snapshot_task = asyncio.create_task(self._snapshot_loop(), name="hestia-snapshots")
@@ -144,7 +142,7 @@ class Gateway:
             "Hestia ready with {} service(s): {}; state in {}",
             len(self.registry.services),
             ", ".join(sorted(self.registry.services)) or "(none yet)",
-            self.store.url,
+            self.store.display_url,
         )
 
     def begin_shutdown(self) -> None:

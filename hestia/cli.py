@@ -33,6 +33,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     try:
         gateway = Gateway(config, build_backends(config))
+        gateway.store.migrate()  # a database that cannot be used stops start-up here, clearly
     except HestiaError as exc:
         logger.error("{}", exc.message)
         print(f"hestia: {exc.message}", file=sys.stderr)

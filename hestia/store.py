@@ -295,10 +295,6 @@ class Store:
                 self._known.setdefault(name, svc.to_row())
         return services
 
-    def load_services(self) -> dict[str, ServiceRow]:
-        """load_service_states() as rows with JSON fields, for callers not yet moved to it."""
-        return {name: svc.to_row() for name, svc in self.load_service_states().items()}
-
     def events(self, service: str, limit: int = 100) -> list[EventRow]:
         """The service's newest events first. Blocking: call it in a thread."""
         with self._use("read the events"):

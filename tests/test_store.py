@@ -46,7 +46,7 @@ async def test_schema_created_once_rollback_journal_and_versioned(tmp_path: Path
         ]
     again = Store(url)
     again.migrate()
-    assert again.load_services()["a"].last_activity == 123.0
+    assert again.load_service_states()["a"].last_activity == 123.0
     again.engine.dispose()
 
 

@@ -389,8 +389,7 @@ def test_corrupt_rows_are_skipped_and_named(tmp_path: Path, logs: list[Any]) -> 
     assert all(str(db) in m and "row " in m for m in skipped.values())
     assert "last_error is not JSON (Expecting property name" in skipped["'badjson'"]
     assert "last_activity is 'yesterday'" in skipped["'clock'"]
-    # the rows for callers of the older interface carry the same, re-encoded
-    assert json.loads(store.load_services()["good"].last_error or "") == {"message": "x"}
+    assert store.load_service_states()["good"].last_error == {"message": "x"}
     store.engine.dispose()
 
 
@@ -584,6 +583,11 @@ async def test_store_fault_leaves_the_proxy_alone_and_api_answers_503_json(
             for _ in range(20):
                 assert (await client.get("/services/up/")).text == "ok"
             assert gw.gateway.store.health()["status"] == "degraded"
+            health = await client.get("/v1/health")
+            assert health.status_code == 200  # the gateway itself is alive and proxying
+            assert health.json()["status"] == "degraded"
+            assert health.json()["store"]["status"] == "degraded"
+            assert str(db) in health.json()["store"]["error"]
         await gw.stop()
     finally:
         server.close()
