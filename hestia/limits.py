@@ -45,6 +45,9 @@ class ConnectionGuard:
         self.total = 0
         self.per_client: dict[str, int] = {}
         self.conns: set[Sweepable] = set()
+        # a head shorter than every head limit needs no line-by-line check
+        self.scan_from = min(limits.max_request_line, limits.max_header_line)
+        self.scan_from = min(self.scan_from, limits.max_header_bytes)
         self.now = time.monotonic()
         shortest = min(timeouts.header, timeouts.body, timeouts.keep_alive)
         self.sweep_every = min(1.0, max(0.05, shortest / 4))

@@ -64,6 +64,15 @@ class _Refused(Exception):
     """Raised from a parser callback after a refusal, to stop the parser there."""
 
 
+class _Discard(list[tuple[bytes, bytes]]):
+    def append(self, item: tuple[bytes, bytes]) -> None:
+        pass
+
+
+# Where header fields parsed after the head go (a chunked body's trailer section): nowhere.
+_TRAILERS = _Discard()
+
+
 class HestiaServer(uvicorn.Server):
     """uvicorn's server, telling the gateway about SIGTERM/SIGINT before draining connections,
     so that requests held for a start are answered 503 at once instead of holding shutdown;
@@ -190,6 +199,7 @@ class _Cycle(RequestResponseCycle):
         self.disconnected = True  # later sends are dropped; run_asgi logs nothing
         self.keep_alive = False
         self.message_event.set()
+        self.scope["extensions"].clear()
         self.transport.abort()
 
     # uvicorn 0.54's send(), with Date added only when the app's headers have none (a proxied
@@ -282,6 +292,7 @@ class _Cycle(RequestResponseCycle):
                     raise RuntimeError("Response content shorter than Content-Length")
                 self.response_complete = True
                 self.message_event.set()
+                self.scope["extensions"].clear()  # no abort now; and no reference cycle
                 if not self.keep_alive:
                     self.transport.close()
                 self.on_response()
@@ -295,20 +306,20 @@ class _Cycle(RequestResponseCycle):
 
 class _HttpProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol on a _CoalescingTransport, with the guards described in the
-    module docstring. `build_server` makes a subclass per server that sets the class attributes
-    below."""
+    module docstring. `build_server` makes a subclass per server that sets `server_guard`."""
 
-    guard: ConnectionGuard
-    _scan_from: int  # the smallest head limit: a head under it needs no line walk
-    _max_headers: int
-    _max_unbody: int  # non-body bytes allowed between two body bytes (a trailer section)
+    server_guard: ConnectionGuard
 
     # ------------------------------------------------------------------ connection
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self._real_transport = transport
         wrapped: Any = _CoalescingTransport(transport, self.loop)
         super().connection_made(wrapped)
-        guard = self.guard
+        # copied to the instance: attribute reads on the hot path stay in the instance's dict
+        self.guard = guard = self.server_guard
+        self._scan_from = guard.scan_from  # the smallest head limit: below it, no line walk
+        self._max_headers = guard.limits.max_headers
+        self._max_unbody = guard.limits.max_header_bytes  # non-body bytes between body bytes
         self._phase = _NEW
         self._stamp = guard.now
         self._head_seen = 0  # bytes of the current head so far
@@ -475,6 +486,7 @@ class _HttpProtocol(HttpToolsProtocol):
             self._phase = _HEAD
             self._stamp = self.guard.now
             self._head_unscanned = True
+        self._hosts = 0
         self.url = b""
         self.expect_100_continue = False
         self.headers = []
@@ -491,8 +503,8 @@ class _HttpProtocol(HttpToolsProtocol):
         }
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if self._phase != _HEAD:
-            return  # a trailer field of a chunked body: never one of the request's headers
+        # once the head is complete, self.headers is _TRAILERS: a trailer field of a chunked
+        # body never becomes one of the request's headers
         name = name.lower()
         if name == b"host":
             self._hosts += 1
@@ -504,36 +516,15 @@ class _HttpProtocol(HttpToolsProtocol):
         parser = self.parser
         http_version = parser.get_http_version()
         method = parser.get_method()
-        hosts = self._hosts
-        self._hosts = 0
-        if self._head_unscanned:
-            self._head_unscanned = False
-            self._check_parsed_head()
-        if len(self.headers) > self._max_headers:
-            self._refuse_header_count()
-            raise _Refused
-        if hosts != 1 and (hosts or http_version == "1.1"):
-            self._refuse(
-                400,
-                "bad_request",
-                "the request has no Host header (HTTP/1.1 requires one)"
-                if not hosts
-                else f"the request has {hosts} Host headers (one is allowed)",
-                "bad_request",
-            )
-            raise _Refused
-        if method == b"CONNECT":
-            self._refuse(
-                501,
-                "method_not_implemented",
-                "CONNECT is not supported: Hestia is a gateway, not a forward proxy; request "
-                "http://<gateway>/services/<name>/... instead",
-                "connect",
-            )
-            raise _Refused
         url = self.url
-        if url[:1] != b"/" and not (url == b"*" and method == b"OPTIONS"):
-            self._check_absolute_form(url)
+        if (
+            self._hosts != 1
+            or url[0] != 47  # not "/...": absolute form (or "*")
+            or method == b"CONNECT"
+            or len(self.headers) > self._max_headers
+            or self._head_unscanned
+        ):
+            self._check_head(http_version, method, url)  # raises _Refused after a refusal
 
         self._phase = _BODY
         self._stamp = self.guard.now
@@ -545,6 +536,7 @@ class _HttpProtocol(HttpToolsProtocol):
             self.scope["http_version"] = http_version
         if parser.should_upgrade() and self._should_upgrade():
             return
+        self.headers = _TRAILERS
         parsed_url = httptools.parse_url(url)
         raw_path = parsed_url.path
         path = raw_path.decode("ascii")
@@ -568,6 +560,7 @@ class _HttpProtocol(HttpToolsProtocol):
             keep_alive=http_version != "1.0" and parser.should_keep_alive(),
             on_response=self.on_response_complete,
         )
+        # scope -> abort -> cycle -> scope is a reference cycle: _Cycle breaks it at the end
         self.scope["extensions"] = {"hestia.abort": cycle.abort}  # type: ignore[dict-item]
         if existing_cycle is None or existing_cycle.response_complete:
             self._start_asgi_task(cycle, self.app)
@@ -608,6 +601,37 @@ class _HttpProtocol(HttpToolsProtocol):
             self._start_asgi_task(cycle, app)
 
     # ------------------------------------------------------------------ checks
+    def _check_head(self, http_version: str, method: bytes, url: bytes) -> None:
+        """The checks of a parsed head; raises _Refused after refusing it."""
+        if self._head_unscanned:
+            self._head_unscanned = False
+            self._check_parsed_head()
+        if len(self.headers) > self._max_headers:
+            self._refuse_header_count()
+            raise _Refused
+        hosts = self._hosts
+        if hosts != 1 and (hosts or http_version == "1.1"):
+            self._refuse(
+                400,
+                "bad_request",
+                "the request has no Host header (HTTP/1.1 requires one)"
+                if not hosts
+                else f"the request has {hosts} Host headers (one is allowed)",
+                "bad_request",
+            )
+            raise _Refused
+        if method == b"CONNECT":
+            self._refuse(
+                501,
+                "method_not_implemented",
+                "CONNECT is not supported: Hestia is a gateway, not a forward proxy; request "
+                "http://<gateway>/services/<name>/... instead",
+                "connect",
+            )
+            raise _Refused
+        if url[0] != 47 and not (url == b"*" and method == b"OPTIONS"):
+            self._check_absolute_form(url)
+
     def _check_parsed_head(self) -> None:
         """The limits, for a head the byte count could not follow (see the module docstring)."""
         lim = self.guard.limits
@@ -804,14 +828,7 @@ def build_server(
     guard = ConnectionGuard(limits, timeouts)
 
     class HttpProtocol(_HttpProtocol):
-        pass
-
-    HttpProtocol.guard = guard
-    HttpProtocol._scan_from = min(
-        limits.max_request_line, limits.max_header_line, limits.max_header_bytes
-    )
-    HttpProtocol._max_headers = limits.max_headers
-    HttpProtocol._max_unbody = limits.max_header_bytes
+        server_guard = guard
 
     config = uvicorn.Config(
         app,
