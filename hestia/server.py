@@ -49,7 +49,20 @@ from uvicorn.protocols.http.httptools_impl import (
 
 from hestia.config import ServerLimits, ServerTimeouts
 from hestia.errors import error_body
-from hestia.limits import LINGER_S, ConnectionGuard, raise_nofile_limit
+from hestia.limits import (
+    LINGER_S,
+    ConnectionGuard,
+    HeadCounter,
+    Refusal,
+    body_timeout,
+    check_parsed_head,
+    check_request,
+    head_timeout,
+    invalid_request,
+    raise_nofile_limit,
+    too_many_headers,
+    trailers_too_large,
+)
 from hestia.types import ASGIApp
 
 # A connection's phase: what the bytes it sends now are, and which deadline applies.
@@ -322,9 +335,7 @@ class _HttpProtocol(HttpToolsProtocol):
         self._max_unbody = guard.limits.max_header_bytes  # non-body bytes between body bytes
         self._phase = _NEW
         self._stamp = guard.now
-        self._head_seen = 0  # bytes of the current head so far
-        self._line_len = 0  # bytes of its unfinished line so far (valid once it spans reads)
-        self._line_no = 0  # index of that line (0: the request line)
+        self._head = HeadCounter(guard.limits)
         self._head_unscanned = False  # the head began mid-read, behind a pipelined request
         self._hosts = 0  # Host field lines in the current head
         self._unbody = 0  # bytes read in the body phase since the last body byte
@@ -333,7 +344,7 @@ class _HttpProtocol(HttpToolsProtocol):
         if refusal is not None:
             self._slot: str | None = None
             self._phase = _DONE
-            self._write_error(503, "too_many_connections", refusal)
+            self._write_error(refusal)
             wrapped.close()
             return
         self._slot = client
@@ -368,13 +379,16 @@ class _HttpProtocol(HttpToolsProtocol):
                 if phase == _IDLE:  # keep-alive: the head's clock starts at its first byte
                     self._stamp = self.guard.now
                 self._phase = _HEAD
-            seen = self._head_seen + len(data)
+            head = self._head
+            seen = head.seen + len(data)
             if seen > self._scan_from:
-                if not self._scan_head(data):
+                refusal = head.scan(data)
+                if refusal is not None:
+                    self._refuse(refusal)
                     return
                 scanned = True
             else:
-                self._head_seen = seen
+                head.seen = seen
         elif phase == _BODY:
             self._stamp = self.guard.now
             self._unbody += len(data)
@@ -391,94 +405,16 @@ class _HttpProtocol(HttpToolsProtocol):
             return
         except httptools.HttpParserError as exc:
             if self._phase != _DONE:  # else a callback refused the request and stopped it
-                self._refuse(400, "bad_request", f"invalid HTTP request: {exc}", "bad_request")
+                self._refuse(invalid_request(exc))
             return
 
         if phase <= _HEAD:
             if not scanned and self._phase == _HEAD and not self._head_unscanned:
-                self._note_partial_head(data)  # the head goes on in the next read
+                self._head.note_partial(data)  # the head goes on in the next read
         elif self._unbody > self._max_unbody and self._phase == _BODY:
             # only a trailer section (or absurd chunk extensions) can be this long without a
             # body byte; the parser would hold all of it
-            lim = self.guard.limits.max_header_bytes
-            self._refuse(
-                431,
-                "request_header_too_large",
-                f"the chunked request's trailer section is larger than {lim} bytes "
-                "(server.limits.max_header_bytes)",
-                "request_header_too_large",
-            )
-
-    def _scan_head(self, data: bytes) -> bool:
-        """Walk the head's lines in `data` up to its end; refuse on the first line or total
-        over its limit (before the parser sees any of `data`). False when refused."""
-        lim = self.guard.limits
-        line_len = self._line_len
-        line_no = self._line_no
-        total = self._head_seen
-        pos = 0
-        end = len(data)
-        find = data.find
-        while pos < end:
-            nl = find(b"\n", pos)
-            stop = end if nl < 0 else nl + 1
-            line_len += stop - pos
-            total += stop - pos
-            if line_no == 0:
-                if line_len > lim.max_request_line + 2:
-                    self._refuse(
-                        414,
-                        "uri_too_long",
-                        f"the request line is longer than {lim.max_request_line} bytes "
-                        "(server.limits.max_request_line); shorten the URL or raise the limit",
-                        "uri_too_long",
-                    )
-                    return False
-            elif line_len > lim.max_header_line + 2:
-                self._refuse(
-                    431,
-                    "request_header_too_large",
-                    f"a request header line is longer than {lim.max_header_line} bytes "
-                    "(server.limits.max_header_line)",
-                    "request_header_too_large",
-                )
-                return False
-            if total > lim.max_header_bytes:
-                self._refuse(
-                    431,
-                    "request_header_too_large",
-                    f"the request head is larger than {lim.max_header_bytes} bytes "
-                    "(server.limits.max_header_bytes)",
-                    "request_header_too_large",
-                )
-                return False
-            if nl < 0:
-                break
-            pos = stop
-            if line_len == 1 or (line_len == 2 and (nl == 0 or data[nl - 1] == 13)):
-                if line_no:
-                    return True  # the empty line: the head ends here, a body may follow
-                # an empty line before the request line is skipped (by the parser too)
-            else:
-                line_no += 1
-                if line_no > self._max_headers + 1:
-                    self._refuse_header_count()
-                    return False
-            line_len = 0
-        self._line_len = line_len
-        self._line_no = line_no
-        self._head_seen = total
-        return True
-
-    def _note_partial_head(self, data: bytes) -> None:
-        """Keep the unfinished line's length for `_scan_head`, should the head grow past the
-        smallest limit in a later read."""
-        nl = data.rfind(b"\n")
-        if nl < 0:
-            self._line_len += len(data)
-        else:
-            self._line_len = len(data) - nl - 1
-            self._line_no += data.count(b"\n")
+            self._refuse(trailers_too_large(self.guard.limits))
 
     # ------------------------------------------------------------------ parser callbacks
     def on_message_begin(self) -> None:
@@ -524,12 +460,16 @@ class _HttpProtocol(HttpToolsProtocol):
             or len(self.headers) > self._max_headers
             or self._head_unscanned
         ):
-            self._check_head(http_version, method, url)  # raises _Refused after a refusal
+            refusal = self._check_head(http_version, method, url)
+            if refusal is not None:
+                self._refuse(refusal)
+                raise _Refused  # stops the parser: nothing of this request goes further
 
         self._phase = _BODY
         self._stamp = self.guard.now
         self._unbody = 0
-        self._head_seen = self._line_len = self._line_no = 0
+        head = self._head
+        head.seen = head.line_len = head.line_no = 0
 
         self.scope["method"] = method.decode("ascii")
         if http_version != "1.1":
@@ -601,88 +541,16 @@ class _HttpProtocol(HttpToolsProtocol):
             self._start_asgi_task(cycle, app)
 
     # ------------------------------------------------------------------ checks
-    def _check_head(self, http_version: str, method: bytes, url: bytes) -> None:
-        """The checks of a parsed head; raises _Refused after refusing it."""
+    def _check_head(self, http_version: str, method: bytes, url: bytes) -> Refusal | None:
+        lim = self.guard.limits
         if self._head_unscanned:
             self._head_unscanned = False
-            self._check_parsed_head()
-        if len(self.headers) > self._max_headers:
-            self._refuse_header_count()
-            raise _Refused
-        hosts = self._hosts
-        if hosts != 1 and (hosts or http_version == "1.1"):
-            self._refuse(
-                400,
-                "bad_request",
-                "the request has no Host header (HTTP/1.1 requires one)"
-                if not hosts
-                else f"the request has {hosts} Host headers (one is allowed)",
-                "bad_request",
-            )
-            raise _Refused
-        if method == b"CONNECT":
-            self._refuse(
-                501,
-                "method_not_implemented",
-                "CONNECT is not supported: Hestia is a gateway, not a forward proxy; request "
-                "http://<gateway>/services/<name>/... instead",
-                "connect",
-            )
-            raise _Refused
-        if url[0] != 47 and not (url == b"*" and method == b"OPTIONS"):
-            self._check_absolute_form(url)
-
-    def _check_parsed_head(self) -> None:
-        """The limits, for a head the byte count could not follow (see the module docstring)."""
-        lim = self.guard.limits
-        if len(self.url) > lim.max_request_line:
-            self._refuse(
-                414,
-                "uri_too_long",
-                f"the request line is longer than {lim.max_request_line} bytes "
-                "(server.limits.max_request_line); shorten the URL or raise the limit",
-                "uri_too_long",
-            )
-            raise _Refused
-        total = len(self.url) + 16
-        for name, value in self.headers:
-            n = len(name) + len(value) + 2
-            if n > lim.max_header_line:
-                self._refuse(
-                    431,
-                    "request_header_too_large",
-                    f"a request header line is longer than {lim.max_header_line} bytes "
-                    "(server.limits.max_header_line)",
-                    "request_header_too_large",
-                )
-                raise _Refused
-            total += n + 2
-        if total > lim.max_header_bytes:
-            self._refuse(
-                431,
-                "request_header_too_large",
-                f"the request head is larger than {lim.max_header_bytes} bytes "
-                "(server.limits.max_header_bytes)",
-                "request_header_too_large",
-            )
-            raise _Refused
-
-    def _check_absolute_form(self, url: bytes) -> None:
-        """An absolute-form target (`GET http://host/path`) is accepted only when it names the
-        host the request's Host header names: the gateway answers any name it is reached by,
-        so the Host is its own name for this request. Any other host is a forward-proxy
-        request, which Hestia must never route."""
-        host_header = next((v for n, v in self.headers if n == b"host"), b"")
-        if _authority(url) != _authority(b"http://" + host_header) or not host_header:
-            self._refuse(
-                400,
-                "bad_request",
-                f"the request target {url[:200].decode('latin-1')!r} names another host than "
-                f"the request's Host ({host_header[:200].decode('latin-1')!r}); Hestia is not a "
-                "forward proxy: send the path only (GET /services/<name>/...)",
-                "absolute_form",
-            )
-            raise _Refused
+            refusal = check_parsed_head(lim, url, self.headers)
+            if refusal is not None:
+                return refusal
+        if len(self.headers) > lim.max_headers:
+            return too_many_headers(lim)
+        return check_request(http_version, method, url, self.headers, self._hosts)
 
     # ------------------------------------------------------------------ timeouts
     def check_timeouts(self, now: float) -> None:
@@ -696,25 +564,14 @@ class _HttpProtocol(HttpToolsProtocol):
                 # waits for 100-continue: the client is not late
                 self._stamp = now
             elif now - self._stamp > t.body:
-                self._refuse(
-                    408,
-                    "request_timeout",
-                    f"no byte of the request body arrived for {t.body:g}s (server.timeouts.body)",
-                    "body_timeout",
-                )
+                self._refuse(body_timeout(t))
         elif phase == _IDLE:
             if not self._answering() and now - self._stamp > t.keep_alive:
                 self._phase = _DONE
                 self.transport.close()
         elif phase == _HEAD:
             if not self._answering() and now - self._stamp > t.header:
-                self._refuse(
-                    408,
-                    "request_timeout",
-                    f"the request head did not arrive in full within {t.header:g}s "
-                    "(server.timeouts.header)",
-                    "header_timeout",
-                )
+                self._refuse(head_timeout(t))
         elif phase == _NEW:
             if now - self._stamp > t.header:  # not a byte: nothing to answer
                 self._phase = _DONE
@@ -727,16 +584,7 @@ class _HttpProtocol(HttpToolsProtocol):
         return cycle is not None and not cycle.response_complete and not cycle.disconnected
 
     # ------------------------------------------------------------------ refusals
-    def _refuse_header_count(self) -> None:
-        n = self._max_headers
-        self._refuse(
-            431,
-            "request_header_too_large",
-            f"the request has more than {n} header fields (server.limits.max_headers)",
-            "request_header_too_large",
-        )
-
-    def _refuse(self, status: int, code: str, message: str, kind: str) -> None:
+    def _refuse(self, refusal: Refusal) -> None:
         """Answer Hestia's JSON error when the client can still get one, and end the connection.
 
         A refusal in the body phase takes the request from the app (it sees http.disconnect,
@@ -747,7 +595,7 @@ class _HttpProtocol(HttpToolsProtocol):
         self._phase = _DONE
         self._stamp = self.guard.now
         client = self.client[0] if self.client else "?"
-        self.guard.warn(kind, f"answered {status} to {client}: {message}")
+        self.guard.warn(refusal.kind, f"answered {refusal.status} to {client}: {refusal.message}")
         cycle = self.cycle
         if cycle is not None and not cycle.response_complete and not cycle.disconnected:
             if phase != _BODY:
@@ -759,14 +607,14 @@ class _HttpProtocol(HttpToolsProtocol):
             if cycle.response_started:
                 self.transport.close()
                 return
-        self._write_error(status, code, message)
+        self._write_error(refusal)
         self.transport.write_eof()
         self.flow.resume_reading()
 
-    def _write_error(self, status: int, code: str, message: str) -> None:
-        body = error_body(status, code, message)
+    def _write_error(self, refusal: Refusal) -> None:
+        body = error_body(refusal.status, refusal.code, refusal.message)
         head = [
-            STATUS_LINE[status],
+            STATUS_LINE[refusal.status],
             b"content-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n"
             % len(body),
         ]
@@ -774,18 +622,6 @@ class _HttpProtocol(HttpToolsProtocol):
             head += (name, b": ", value, b"\r\n")
         head += (b"\r\n", body)
         self.transport.write(b"".join(head))
-
-
-def _authority(url: bytes) -> tuple[bytes, int] | None:
-    """(host, port) of an http(s) URL, lowercased and with the scheme's default port."""
-    try:
-        parsed = httptools.parse_url(url)
-    except httptools.HttpParserInvalidURLError:
-        return None
-    scheme = (parsed.schema or b"").lower()
-    if scheme not in (b"http", b"https") or not parsed.host:
-        return None
-    return parsed.host.lower(), parsed.port or (443 if scheme == b"https" else 80)
 
 
 def _websocket_protocol(guard: ConnectionGuard) -> Any:
