@@ -597,16 +597,17 @@ class _HttpProtocol(HttpToolsProtocol):
         client = self.client[0] if self.client else "?"
         self.guard.warn(refusal.kind, f"answered {refusal.status} to {client}: {refusal.message}")
         cycle = self.cycle
-        if cycle is not None and not cycle.response_complete and not cycle.disconnected:
-            if phase != _BODY:
-                cycle.keep_alive = False
-                return
-            cycle.disconnected = True
-            cycle.waiting_for_100_continue = False
-            cycle.message_event.set()
-            if cycle.response_started:
+        if phase == _BODY and cycle is not None:  # about the request the app has
+            if not cycle.response_complete:
+                cycle.disconnected = True
+                cycle.waiting_for_100_continue = False
+                cycle.message_event.set()
+            if cycle.response_started:  # this request has (part of) an answer: no second one
                 self.transport.close()
                 return
+        elif self._answering():  # about a pipelined head, while an earlier request is answered
+            cycle.keep_alive = False
+            return
         self._write_error(refusal)
         self.transport.write_eof()
         self.flow.resume_reading()

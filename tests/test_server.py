@@ -60,6 +60,10 @@ class App:
             if path == "/abort":
                 scope["extensions"]["hestia.abort"]()
             return
+        if path == "/early":  # answers without reading the body
+            await send({"type": "http.response.start", "status": 204, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+            return
         if path == "/late-reader":
             await asyncio.sleep(1.5)  # three body timeouts: the app is busy, not the client
         body = b""
@@ -359,6 +363,15 @@ async def test_stalled_body_gets_408(serve: StartServer) -> None:
     assert await conn.closed()
     conn.close()
     await wait_for(lambda: served.app.disconnects == 1, 5, "the app to see the disconnect")
+
+
+async def test_stalled_body_after_an_early_answer_is_closed_unanswered(serve: StartServer) -> None:
+    served = await serve(timeouts=SHORT)
+    conn = await Conn.open(served.port)
+    await conn.send(b"POST /early HTTP/1.1\r\nHost: gw\r\nContent-Length: 100\r\n\r\n0123456789")
+    assert (await conn.response()).status == 204
+    assert await conn.closed(), "a second answer (or nothing at all) came instead of the close"
+    conn.close()
 
 
 async def test_body_timeout_spares_a_client_the_app_is_not_reading(serve: StartServer) -> None:
