@@ -5,11 +5,11 @@ setting to change), a request head's byte and line count, connection caps, a coa
 one sweep for every connection's timeouts, and warnings at most once per interval. The protocol
 in `hestia.server` applies them.
 
-The per-request cost is what the protocol in `hestia.server` pays: a timestamp copied from
-`ConnectionGuard.now` at each phase change. No timer is armed per request or per connection;
+What the protocol pays per request for the timeouts is a timestamp copied from
+`ConnectionGuard.now` at each phase change: no timer is armed per request or per connection.
 `tick()` runs from uvicorn's main loop (every 0.1 s) and, every `sweep_every` seconds, asks each
-connection whether one of its deadlines has passed. Deadlines are therefore kept to within one
-sweep (at most 1 s, or a quarter of the shortest timeout).
+connection whether one of its deadlines has passed, so a deadline is kept to within one sweep
+(a quarter of the shortest timeout, between 0.1 s and 1 s).
 """
 
 from __future__ import annotations
@@ -268,7 +268,7 @@ class ConnectionGuard:
         self.scan_from = min(self.scan_from, limits.max_header_bytes)
         self.now = time.monotonic()
         shortest = min(timeouts.header, timeouts.body, timeouts.keep_alive)
-        self.sweep_every = min(1.0, max(0.05, shortest / 4))
+        self.sweep_every = min(1.0, max(0.1, shortest / 4))
         self._next_sweep = self.now + self.sweep_every
         self._last_warned: dict[str, float] = {}
         self._suppressed: dict[str, int] = {}
