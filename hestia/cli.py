@@ -50,6 +50,8 @@ def _serve(args: argparse.Namespace) -> int:
         port,
         shutdown_grace=config.server.shutdown_grace,
         on_exit=gateway.begin_shutdown,
+        limits=config.server.limits,
+        timeouts=config.server.timeouts,
     )
     gc.collect()
     gc.freeze()  # everything built so far is permanent: later collections skip it

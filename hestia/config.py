@@ -188,10 +188,57 @@ def _check_cidr(value: str) -> str:
     return value
 
 
+_SIZE = re.compile(r"^\s*(\d+)\s*(b|k|kb|kib|m|mb|mib)?\s*$", re.IGNORECASE)
+_KIB, _MIB = 1024, 1 << 20
+_UNIT_BYTES = {"b": 1, "k": _KIB, "kb": _KIB, "kib": _KIB, "m": _MIB, "mb": _MIB, "mib": _MIB}
+
+
+def parse_size(value: Any) -> int:
+    """`8KiB`, `64k`, `1MiB` or a number of bytes -> bytes (k and KB are 1024, as in nginx)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    m = _SIZE.match(value) if isinstance(value, str) else None
+    if not m:
+        raise ValueError(f"{value!r} is not a size; write e.g. 8KiB, 64k, 1MiB or bytes")
+    return int(m.group(1)) * _UNIT_BYTES[(m.group(2) or "b").lower()]
+
+
+Size = Annotated[int, BeforeValidator(parse_size)]
+
+
+class ServerLimits(_Strict):
+    """What one client may ask of the server before the gateway sees a request (nginx/Traefik-like
+    defaults). A line is counted without its CRLF; the head is the request line and every header
+    line with their CRLFs."""
+
+    max_request_line: Size = Field(default=8192, ge=256)  # over: 414
+    max_header_line: Size = Field(default=8192, ge=256)  # one header field line; over: 431
+    max_header_bytes: Size = Field(default=65536, ge=1024)  # the whole head; over: 431
+    max_headers: int = Field(default=100, ge=8)  # header field lines; over: 431
+    # Open connections (WebSockets included), in all and from one client address. A browser
+    # opens 6-10; behind a TLS proxy every client shares the proxy's address: raise the
+    # per-client limit then. Each client connection may hold an upstream connection too.
+    max_connections: int = Field(default=2048, ge=1)
+    max_connections_per_client: int = Field(default=256, ge=1)
+
+
+class ServerTimeouts(_Strict):
+    # The whole request head must arrive within `header` of the connection's accept (first
+    # request) or of its first byte (a later request on a keep-alive connection). Over: 408, or
+    # a quiet close when nothing at all arrived.
+    header: Duration = Field(default=10.0, gt=0)
+    # While a request body is incomplete and Hestia is reading it: a byte at least this often.
+    body: Duration = Field(default=30.0, gt=0)
+    # An idle keep-alive connection between requests is closed after this.
+    keep_alive: Duration = Field(default=30.0, gt=0)
+
+
 class ServerConfig(_Strict):
     host: str = "0.0.0.0"
     port: int = Field(default=8080, ge=1, le=65535)
     shutdown_grace: Duration = 30.0
+    limits: ServerLimits = ServerLimits()
+    timeouts: ServerTimeouts = ServerTimeouts()
     # Peers whose X-Forwarded-For/-Proto/-Host are kept (a reverse proxy in front of Hestia);
     # from anyone else they are replaced.
     trusted_proxies: list[Annotated[str, AfterValidator(_check_cidr)]] = []

@@ -1,34 +1,142 @@
-"""The HTTP server around the gateway: uvicorn, tuned for a proxy.
+"""The HTTP server around the gateway: uvicorn, tuned for a proxy and hardened at the edge.
 
 `build_server()` is what `hestia serve` runs and what the tests run, so the tests exercise the
 same protocol class (and its write coalescing) as production.
+
+`_HttpProtocol` is uvicorn's httptools protocol (0.54) with the parser callbacks that matter
+taken over, so that a client cannot exhaust the gateway before the app sees a request:
+
+* Head limits (`server.limits`): bytes of a request head are counted as they arrive, before
+  they reach the parser. While the head so far is under the smallest limit (8 KiB) that count
+  is all it costs; past it, the head's lines are walked and the first line or total over its
+  limit is answered 414/431 without feeding the parser another byte, so an endless header line
+  costs no memory. (A head that starts in the same read as the end of the previous request, when
+  a client pipelines, is checked field by field once parsed; until then the parser holds at
+  most one read of it.) The number of header fields is checked once the head is parsed.
+* Timeouts (`server.timeouts`): each connection has one phase (`_NEW`, `_IDLE`, `_HEAD`,
+  `_BODY`, `_DONE`) and the time it entered it, or of its last body byte; the server's tick
+  sweeps them (`hestia.limits`), so no timer is armed per request (uvicorn's keep-alive timer
+  is not used either).
+* Connection caps: a connection over the total or per-client cap gets a 503 and is closed at
+  once; a WebSocket keeps its slot until it ends.
+* Requests the gateway must not pass on: trailer fields of a chunked body never join the
+  request's headers; an HTTP/1.1 request without exactly one Host, a CONNECT, or an
+  absolute-form target naming another host than the request's Host is refused.
+
+Every refusal is Hestia's JSON error with `Connection: close`; then the connection is
+half-closed and what the client still sends is read and dropped for a moment, so that a client
+busy sending an oversized request reads the answer rather than a reset. Refusals are logged at
+most once per 10 s per kind, with a count.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from types import FrameType
 from typing import Any
+from urllib.parse import unquote
 
+import httptools
 import uvicorn
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import (
+    HEADER_RE,
+    HEADER_VALUE_RE,
+    STATUS_LINE,
+    HttpToolsProtocol,
+    RequestResponseCycle,
+)
 
+from hestia.config import ServerLimits, ServerTimeouts
+from hestia.errors import error_body
+from hestia.limits import (
+    LINGER_S,
+    ConnectionGuard,
+    HeadCounter,
+    Refusal,
+    body_timeout,
+    check_parsed_head,
+    check_request,
+    head_timeout,
+    invalid_request,
+    raise_nofile_limit,
+    too_many_headers,
+    trailers_too_large,
+)
 from hestia.types import ASGIApp
+
+# A connection's phase: what the bytes it sends now are, and which deadline applies.
+_NEW = 0  # nothing received yet: the first head must be in within `header` of the accept
+_IDLE = 1  # between requests: closed after `keep_alive` (counted once the response is done)
+_HEAD = 2  # a head is arriving: in full within `header` (of the accept, or of its first byte)
+_BODY = 3  # the head is in, the body is not: a byte at least every `body` seconds
+_DONE = 4  # refused or handed over: input is dropped; closed after LINGER_S
+
+
+class _Refused(Exception):
+    """Raised from a parser callback after a refusal, to stop the parser there."""
+
+
+class _Discard(list[tuple[bytes, bytes]]):
+    def append(self, item: tuple[bytes, bytes]) -> None:
+        pass
+
+
+# Where header fields parsed after the head go (a chunked body's trailer section): nowhere.
+_TRAILERS = _Discard()
 
 
 class HestiaServer(uvicorn.Server):
     """uvicorn's server, telling the gateway about SIGTERM/SIGINT before draining connections,
-    so that requests held for a start are answered 503 at once instead of holding shutdown."""
+    so that requests held for a start are answered 503 at once instead of holding shutdown;
+    it also drives the connection guard's clock and sweep."""
 
-    def __init__(self, config: uvicorn.Config, on_exit: Callable[[], None] | None) -> None:
+    def __init__(
+        self,
+        config: uvicorn.Config,
+        on_exit: Callable[[], None] | None,
+        guard: ConnectionGuard | None = None,
+    ) -> None:
         super().__init__(config)
         self._on_exit = on_exit
+        self.guard = guard or ConnectionGuard(ServerLimits(), ServerTimeouts())
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self._on_exit is not None:
             self._on_exit()
         super().handle_exit(sig, frame)
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        with super().capture_signals():
+            try:
+                yield
+            finally:
+                # uvicorn re-raises the signal after a graceful shutdown, so the process would
+                # end "killed by SIGTERM" (143); a clean shutdown is a success: exit 0
+                self._captured_signals.clear()
+
+    async def startup(self, sockets: list[Any] | None = None) -> None:
+        raise_nofile_limit(self.guard.limits.max_connections)
+        await super().startup(sockets)
+
+    async def on_tick(self, counter: int) -> bool:
+        self.guard.tick()
+        return await super().on_tick(counter)
+
+    async def shutdown(self, sockets: list[Any] | None = None) -> None:
+        # the main loop's ticks have stopped: keep the deadlines while connections drain
+        sweeper = asyncio.create_task(self._sweep_while_draining())
+        try:
+            await super().shutdown(sockets)
+        finally:
+            sweeper.cancel()
+
+    async def _sweep_while_draining(self) -> None:
+        while True:
+            await asyncio.sleep(0.1)
+            self.guard.tick()
 
 
 class _CoalescingTransport:
@@ -83,7 +191,9 @@ class _CoalescingTransport:
         self._t.write_eof()
 
     def abort(self) -> None:
-        self._held = None
+        # what the app has sent is offered to the socket first: a client cut off mid-body
+        # still gets every byte before the cut
+        self._flush()
         self._t.abort()
 
     def is_closing(self) -> bool:  # asked once per response: no __getattr__ detour
@@ -97,18 +207,456 @@ class _CoalescingTransport:
         return getattr(self._t, name)
 
 
-class _HttpProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol on a _CoalescingTransport."""
+class _Cycle(RequestResponseCycle):
+    """uvicorn's request/response cycle with Date sent only when the app sent none, and the
+    `hestia.abort` extension."""
 
+    def abort(self) -> None:
+        """`scope["extensions"]["hestia.abort"]()`: cut the client's connection now.
+
+        For a response that cannot be finished (its upstream broke off mid-body): the client
+        sees an incomplete response (a chunked body without its last chunk, or fewer bytes than
+        Content-Length), and the app may return normally afterwards without uvicorn logging an
+        error about an unfinished response."""
+        if self.response_complete or self.disconnected:
+            return
+        self.disconnected = True  # later sends are dropped; run_asgi logs nothing
+        self.keep_alive = False
+        self.message_event.set()
+        self.scope["extensions"].clear()
+        self.transport.abort()
+
+    # uvicorn 0.54's send(), with Date added only when the app's headers have none (a proxied
+    # response carries its upstream's Date) and without uvicorn's access log (Hestia has its own
+    # and disables uvicorn's).
+    async def send(self, message: Any) -> None:
+        if self.flow.write_paused and not self.disconnected:
+            await self.flow.drain()
+
+        if self.disconnected:
+            return
+
+        if not self.response_started:
+            if message["type"] != "http.response.start":
+                raise RuntimeError(
+                    f"Expected ASGI message 'http.response.start', but got '{message['type']}'."
+                )
+            self.response_started = True
+            self.waiting_for_100_continue = False
+
+            status_code = message["status"]
+            content = [STATUS_LINE[status_code]]
+            has_connection_close = False
+            has_date = False
+            for name, value in message.get("headers", ()):
+                if HEADER_RE.search(name):
+                    raise RuntimeError("Invalid HTTP header name.")
+                if HEADER_VALUE_RE.search(value):
+                    raise RuntimeError("Invalid HTTP header value.")
+                name = name.lower()
+                if name == b"content-length" and self.chunked_encoding is None:
+                    self.expected_content_length = int(value.decode())
+                    self.chunked_encoding = False
+                elif name == b"transfer-encoding" and value.lower() == b"chunked":
+                    self.expected_content_length = 0
+                    self.chunked_encoding = True
+                elif name == b"connection":
+                    connection = [token.lower().strip() for token in value.split(b",")]
+                    if b"close" in connection:
+                        self.keep_alive = False
+                        has_connection_close = True
+                elif name == b"date":
+                    has_date = True
+                content += (name, b": ", value, b"\r\n")
+            for name, value in self.default_headers:
+                if not has_date or name != b"date":
+                    content += (name, b": ", value, b"\r\n")
+
+            if not self.keep_alive and not has_connection_close:
+                content.append(b"connection: close\r\n")
+
+            if (
+                self.chunked_encoding is None
+                and self.scope["method"] != "HEAD"
+                and status_code not in (204, 304)
+            ):
+                self.chunked_encoding = True
+                content.append(b"transfer-encoding: chunked\r\n")
+
+            content.append(b"\r\n")
+            self.transport.write(b"".join(content))
+
+        elif not self.response_complete:
+            if message["type"] != "http.response.body":
+                raise RuntimeError(
+                    f"Expected ASGI message 'http.response.body', but got '{message['type']}'."
+                )
+            body = message.get("body", b"")
+            more_body = message.get("more_body", False)
+
+            if self.scope["method"] == "HEAD":
+                self.expected_content_length = 0
+            elif self.chunked_encoding:
+                if body:
+                    chunk = [b"%x\r\n" % len(body), body, b"\r\n"]
+                else:
+                    chunk = []
+                if not more_body:
+                    chunk.append(b"0\r\n\r\n")
+                self.transport.write(b"".join(chunk))
+            else:
+                num_bytes = len(body)
+                if num_bytes > self.expected_content_length:
+                    raise RuntimeError("Response content longer than Content-Length")
+                self.expected_content_length -= num_bytes
+                self.transport.write(body)
+
+            if not more_body:
+                if self.expected_content_length != 0:
+                    raise RuntimeError("Response content shorter than Content-Length")
+                self.response_complete = True
+                self.message_event.set()
+                self.scope["extensions"].clear()  # no abort now; and no reference cycle
+                if not self.keep_alive:
+                    self.transport.close()
+                self.on_response()
+
+        else:
+            raise RuntimeError(
+                f"Unexpected ASGI message '{message['type']}' sent, after response already "
+                "completed."
+            )
+
+
+class _HttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol on a _CoalescingTransport, with the guards described in the
+    module docstring. `build_server` makes a subclass per server that sets `server_guard`."""
+
+    server_guard: ConnectionGuard
+
+    # ------------------------------------------------------------------ connection
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self._real_transport = transport
         wrapped: Any = _CoalescingTransport(transport, self.loop)
         super().connection_made(wrapped)
+        # copied to the instance: attribute reads on the hot path stay in the instance's dict
+        self.guard = guard = self.server_guard
+        self._scan_from = guard.scan_from  # the smallest head limit: below it, no line walk
+        self._max_headers = guard.limits.max_headers
+        self._max_unbody = guard.limits.max_header_bytes  # non-body bytes between body bytes
+        self._phase = _NEW
+        self._stamp = guard.now
+        self._head = HeadCounter(guard.limits)
+        self._head_unscanned = False  # the head began mid-read, behind a pipelined request
+        self._hosts = 0  # Host field lines in the current head
+        self._unbody = 0  # bytes read in the body phase since the last body byte
+        client = self.client[0] if self.client else ""
+        refusal = guard.admit(client)
+        if refusal is not None:
+            self._slot: str | None = None
+            self._phase = _DONE
+            self._write_error(refusal)
+            wrapped.close()
+            return
+        self._slot = client
+        guard.conns.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        self._phase = _DONE
+        slot = self._slot
+        if slot is not None:
+            self._slot = None
+            self.guard.conns.discard(self)
+            self.guard.release(slot)
 
     def handle_websocket_upgrade(self) -> None:
         self.transport._flush()  # type: ignore[attr-defined]
         self.transport = self._real_transport
+        self._phase = _DONE
+        self.guard.conns.discard(self)
         super().handle_websocket_upgrade()
+        # the WebSocket protocol now owns the connection and gives its slot back when it ends
+        ws = self._real_transport.get_protocol()
+        ws._hestia_slot = self._slot  # type: ignore[attr-defined]
+        self._slot = None
+
+    # ------------------------------------------------------------------ input
+    def data_received(self, data: bytes) -> None:
+        phase = self._phase
+        scanned = False
+        if phase <= _HEAD:
+            if phase != _HEAD:
+                if phase == _IDLE:  # keep-alive: the head's clock starts at its first byte
+                    self._stamp = self.guard.now
+                self._phase = _HEAD
+            head = self._head
+            seen = head.seen + len(data)
+            if seen > self._scan_from:
+                refusal = head.scan(data)
+                if refusal is not None:
+                    self._refuse(refusal)
+                    return
+                scanned = True
+            else:
+                head.seen = seen
+        elif phase == _BODY:
+            self._stamp = self.guard.now
+            self._unbody += len(data)
+        else:  # _DONE: a refused connection's rest, read only so that it can read the answer
+            return
+
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            if self._should_upgrade():
+                self.handle_websocket_upgrade()
+            else:
+                self._unsupported_upgrade_warning()
+            return
+        except httptools.HttpParserError as exc:
+            if self._phase != _DONE:  # else a callback refused the request and stopped it
+                self._refuse(invalid_request(exc))
+            return
+
+        if phase <= _HEAD:
+            if not scanned and self._phase == _HEAD and not self._head_unscanned:
+                self._head.note_partial(data)  # the head goes on in the next read
+        elif self._unbody > self._max_unbody and self._phase == _BODY:
+            # only a trailer section (or absurd chunk extensions) can be this long without a
+            # body byte; the parser would hold all of it
+            self._refuse(trailers_too_large(self.guard.limits))
+
+    # ------------------------------------------------------------------ parser callbacks
+    def on_message_begin(self) -> None:
+        if self._phase != _HEAD:  # a pipelined head, in the read that ended the last request
+            self._phase = _HEAD
+            self._stamp = self.guard.now
+            self._head_unscanned = True
+        self._hosts = 0
+        self.url = b""
+        self.expect_100_continue = False
+        self.headers = []
+        self.scope = {  # type: ignore[typeddict-item]
+            "type": "http",
+            "asgi": {"version": self.asgi_version, "spec_version": "2.3"},
+            "http_version": "1.1",
+            "server": self.server,
+            "client": self.client,
+            "scheme": self.scheme,  # type: ignore[typeddict-item]
+            "root_path": self.root_path,
+            "headers": self.headers,
+            "state": self.app_state.copy(),
+        }
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        # once the head is complete, self.headers is _TRAILERS: a trailer field of a chunked
+        # body never becomes one of the request's headers
+        name = name.lower()
+        if name == b"host":
+            self._hosts += 1
+        elif name == b"expect" and value.lower() == b"100-continue":
+            self.expect_100_continue = True
+        self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        parser = self.parser
+        http_version = parser.get_http_version()
+        method = parser.get_method()
+        url = self.url
+        if (
+            self._hosts != 1
+            or url[0] != 47  # not "/...": absolute form (or "*")
+            or method == b"CONNECT"
+            or len(self.headers) > self._max_headers
+            or self._head_unscanned
+        ):
+            refusal = self._check_head(http_version, method, url)
+            if refusal is not None:
+                self._refuse(refusal)
+                raise _Refused  # stops the parser: nothing of this request goes further
+
+        self._phase = _BODY
+        self._stamp = self.guard.now
+        self._unbody = 0
+        head = self._head
+        head.seen = head.line_len = head.line_no = 0
+
+        self.scope["method"] = method.decode("ascii")
+        if http_version != "1.1":
+            self.scope["http_version"] = http_version
+        if parser.should_upgrade() and self._should_upgrade():
+            return
+        self.headers = _TRAILERS
+        parsed_url = httptools.parse_url(url)
+        raw_path = parsed_url.path
+        path = raw_path.decode("ascii")
+        if "%" in path:
+            path = unquote(path)
+        self.scope["path"] = self.root_path + path
+        self.scope["raw_path"] = self.root_path.encode("ascii") + raw_path
+        self.scope["query_string"] = parsed_url.query or b""
+
+        existing_cycle = self.cycle
+        self.cycle = cycle = _Cycle(
+            scope=self.scope,
+            transport=self.transport,
+            flow=self.flow,
+            logger=self.logger,
+            access_logger=self.access_logger,
+            access_log=False,
+            default_headers=self.server_state.default_headers,
+            message_event=asyncio.Event(),
+            expect_100_continue=self.expect_100_continue,
+            keep_alive=http_version != "1.0" and parser.should_keep_alive(),
+            on_response=self.on_response_complete,
+        )
+        # scope -> abort -> cycle -> scope is a reference cycle: _Cycle breaks it at the end
+        self.scope["extensions"] = {"hestia.abort": cycle.abort}  # type: ignore[dict-item]
+        if existing_cycle is None or existing_cycle.response_complete:
+            self._start_asgi_task(cycle, self.app)
+        else:
+            # Pipelined HTTP requests need to be queued up.
+            self.flow.pause_reading()
+            self.pipeline.appendleft((cycle, self.app))
+
+    def on_body(self, body: bytes) -> None:
+        self._unbody = 0
+        if (
+            self.parser.should_upgrade() and self._should_upgrade()
+        ) or self.cycle.response_complete:
+            return
+        self.cycle.body += body
+        if len(self.cycle.body) > 65536:  # uvicorn's HIGH_WATER_LIMIT
+            self.flow.pause_reading()
+        self.cycle.message_event.set()
+
+    def on_message_complete(self) -> None:
+        self._phase = _IDLE
+        if (
+            self.parser.should_upgrade() and self._should_upgrade()
+        ) or self.cycle.response_complete:
+            return
+        self.cycle.more_body = False
+        self.cycle.message_event.set()
+
+    def on_response_complete(self) -> None:
+        self.server_state.total_requests += 1
+        if self.transport.is_closing():
+            return
+        if self._phase == _IDLE:  # the keep-alive clock starts when the answer is out
+            self._stamp = self.guard.now
+        self.flow.resume_reading()
+        if self.pipeline:
+            cycle, app = self.pipeline.pop()
+            self._start_asgi_task(cycle, app)
+
+    # ------------------------------------------------------------------ checks
+    def _check_head(self, http_version: str, method: bytes, url: bytes) -> Refusal | None:
+        lim = self.guard.limits
+        if self._head_unscanned:
+            self._head_unscanned = False
+            refusal = check_parsed_head(lim, url, self.headers)
+            if refusal is not None:
+                return refusal
+        if len(self.headers) > lim.max_headers:
+            return too_many_headers(lim)
+        return check_request(http_version, method, url, self.headers, self._hosts)
+
+    # ------------------------------------------------------------------ timeouts
+    def check_timeouts(self, now: float) -> None:
+        """Called by the guard's sweep: act on a deadline that has passed."""
+        phase = self._phase
+        t = self.guard.timeouts
+        if phase == _BODY:
+            cycle = self.cycle
+            if self.flow.read_paused or cycle is None or cycle.waiting_for_100_continue:
+                # Hestia is not reading (the app has not taken what it has yet) or the client
+                # waits for 100-continue: the client is not late
+                self._stamp = now
+            elif now - self._stamp > t.body:
+                self._refuse(body_timeout(t))
+        elif phase == _IDLE:
+            if not self._answering() and now - self._stamp > t.keep_alive:
+                self._phase = _DONE
+                self.transport.close()
+        elif phase == _HEAD:
+            if not self._answering() and now - self._stamp > t.header:
+                self._refuse(head_timeout(t))
+        elif phase == _NEW:
+            if now - self._stamp > t.header:  # not a byte: nothing to answer
+                self._phase = _DONE
+                self.transport.close()
+        elif not self._answering() and now - self._stamp > LINGER_S:
+            self.transport.close()
+
+    def _answering(self) -> bool:
+        cycle = self.cycle
+        return cycle is not None and not cycle.response_complete and not cycle.disconnected
+
+    # ------------------------------------------------------------------ refusals
+    def _refuse(self, refusal: Refusal) -> None:
+        """Answer Hestia's JSON error when the client can still get one, and end the connection.
+
+        A refusal in the body phase takes the request from the app (it sees http.disconnect,
+        what it sends is dropped). A refusal of a new head while an earlier request is still
+        being answered (pipelining) lets that answer finish and closes the connection after it.
+        """
+        phase = self._phase
+        self._phase = _DONE
+        self._stamp = self.guard.now
+        client = self.client[0] if self.client else "?"
+        self.guard.warn(refusal.kind, f"answered {refusal.status} to {client}: {refusal.message}")
+        cycle = self.cycle
+        if phase == _BODY and cycle is not None:  # about the request the app has
+            if not cycle.response_complete:
+                cycle.disconnected = True
+                cycle.waiting_for_100_continue = False
+                cycle.message_event.set()
+            if cycle.response_started:  # this request has (part of) an answer: no second one
+                self.transport.close()
+                return
+        elif self._answering():  # about a pipelined head, while an earlier request is answered
+            cycle.keep_alive = False
+            return
+        self._write_error(refusal)
+        self.transport.write_eof()
+        self.flow.resume_reading()
+
+    def _write_error(self, refusal: Refusal) -> None:
+        body = error_body(refusal.status, refusal.code, refusal.message)
+        head = [
+            STATUS_LINE[refusal.status],
+            b"content-type: application/json\r\ncontent-length: %d\r\nconnection: close\r\n"
+            % len(body),
+        ]
+        for name, value in self.server_state.default_headers:
+            head += (name, b": ", value, b"\r\n")
+        head += (b"\r\n", body)
+        self.transport.write(b"".join(head))
+
+
+def _websocket_protocol(guard: ConnectionGuard) -> Any:
+    """uvicorn's WebSocket protocol, giving the connection's slot back when it ends."""
+    from uvicorn.protocols.websockets.auto import AutoWebSocketsProtocol
+
+    if AutoWebSocketsProtocol is None:
+        return "none"
+    base: Any = AutoWebSocketsProtocol
+
+    class WebSocketProtocol(base):  # type: ignore[misc]
+        _hestia_slot: str | None = None
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            try:
+                super().connection_lost(exc)
+            finally:
+                slot = self._hestia_slot
+                if slot is not None:
+                    self._hestia_slot = None
+                    guard.release(slot)
+
+    return WebSocketProtocol
 
 
 def build_server(
@@ -118,19 +666,31 @@ def build_server(
     *,
     shutdown_grace: float = 30.0,
     on_exit: Callable[[], None] | None = None,
+    limits: ServerLimits | None = None,
+    timeouts: ServerTimeouts | None = None,
 ) -> HestiaServer:
+    """The server `hestia serve` runs; `limits` and `timeouts` are `server.limits` and
+    `server.timeouts` of the config (their defaults when not given)."""
+    limits = limits or ServerLimits()
+    timeouts = timeouts or ServerTimeouts()
+    guard = ConnectionGuard(limits, timeouts)
+
+    class HttpProtocol(_HttpProtocol):
+        server_guard = guard
+
     config = uvicorn.Config(
         app,
         host=host,
         port=port,
         loop="uvloop",
-        http=_HttpProtocol,
+        http=HttpProtocol,
+        ws=_websocket_protocol(guard),
         lifespan="on",
         log_config=None,
         access_log=False,
         proxy_headers=False,
         server_header=False,
         timeout_graceful_shutdown=int(shutdown_grace) or None,
-        timeout_keep_alive=30,
+        timeout_keep_alive=max(1, int(timeouts.keep_alive)),  # unused: the guard's sweep closes
     )
-    return HestiaServer(config, on_exit)
+    return HestiaServer(config, on_exit, guard)

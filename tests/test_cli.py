@@ -66,8 +66,8 @@ async def test_sigterm_answers_held_requests_and_leaves_containers(
             r = await asyncio.wait_for(held, 10)
         assert r.status_code == 503
         assert r.json()["error"]["code"] == "shutting_down"
-        # uvicorn re-raises the signal after a graceful shutdown, so -SIGTERM is a clean exit
-        assert proc.wait(timeout=20) in (0, -signal.SIGTERM)
+        # a graceful shutdown is a clean exit: 0, not "killed by SIGTERM" (143)
+        assert proc.wait(timeout=20) == 0
         assert proc.stdout is not None
         assert b"Application shutdown complete" in proc.stdout.read()
         # the container Hestia was starting is left as it is: still running
