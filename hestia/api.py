@@ -8,6 +8,7 @@ from typing import Any
 
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import BaseModel
@@ -114,6 +115,9 @@ def build_api(registry: Registry, metrics: Metrics, store: Store) -> FastAPI:
         version=__version__,
         description="Status and control of the services behind the Hestia gateway. "
         "The proxy itself lives at /services/{name}/{path}.",
+        # Starlette's slash redirect builds an absolute Location from the request's Host
+        # header (Host: evil.example -> Location: http://evil.example/...): no redirects
+        redirect_slashes=False,
     )
 
     @api.exception_handler(HestiaError)
@@ -121,12 +125,32 @@ def build_api(registry: Registry, metrics: Metrics, store: Store) -> FastAPI:
         return JSONResponse(exc.to_dict(), status_code=exc.status)
 
     @api.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, exc: StarletteHTTPException) -> Response:
-        code = "not_found" if exc.status_code == 404 else "http_error"
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         message = str(exc.detail)
         if exc.status_code == 404:
             message = "no such endpoint; the API is under /v1 and services under /services/NAME/"
-        return _raw(exc.status_code, error_body(exc.status_code, code, message))
+            if request.url.path.endswith("/") and request.url.path != "/":
+                message += f" (without the trailing slash: {request.url.path.rstrip('/')})"
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            # every route of this path counts (HEAD /v1/health is a route of its own)
+            allowed = sorted(
+                {
+                    method
+                    for route in api.routes
+                    if isinstance(route, APIRoute) and route.path_regex.match(request.url.path)
+                    for method in route.methods or ()
+                }
+            )
+            headers["Allow"] = ", ".join(allowed)
+            message = (
+                f"{request.method} is not allowed on {request.url.path}; use {headers['Allow']}"
+            )
+        response = _raw(exc.status_code, error_body(exc.status_code, code, message))
+        for key, value in headers.items():
+            response.headers[key] = value
+        return response
 
     @api.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> Response:
@@ -135,8 +159,15 @@ def build_api(registry: Registry, metrics: Metrics, store: Store) -> FastAPI:
         )
         return _raw(422, error_body(422, "invalid_request", problems))
 
+    @api.head("/v1/health", include_in_schema=False)
+    async def health_head() -> Response:
+        """HEAD-based health checks (uptime monitors) get the status without a body."""
+        ok = store.health()["status"] == "ok"
+        return Response(status_code=200, headers={"x-hestia-status": "ok" if ok else "degraded"})
+
     @api.get("/v1/health", response_model=Health)
     async def health() -> Health:
+        """Gateway liveness; `degraded` when the state store cannot write (proxying goes on)."""
         store_health = store.health()
         return Health(
             status="ok" if store_health["status"] == "ok" else "degraded",

@@ -53,6 +53,15 @@ def _serve(args: argparse.Namespace) -> int:
         limits=config.server.limits,
         timeouts=config.server.timeouts,
     )
+    if not _loopback(host):
+        logger.warning(
+            "Hestia listens on {}:{} without authentication: anyone who can reach this port "
+            "can wake, use and stop every service behind it. Publish it on this machine only "
+            "(the compose files bind 127.0.0.1 unless HESTIA_BIND is set) or put an "
+            "authenticating proxy in front",
+            host,
+            port,
+        )
     gc.collect()
     gc.freeze()  # everything built so far is permanent: later collections skip it
     logger.info("Hestia {} listening on http://{}:{}", __version__, host, port)
@@ -62,6 +71,17 @@ def _serve(args: argparse.Namespace) -> int:
         if access_writer is not None:
             access_writer.flush()
     return 0 if server.started else 1
+
+
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -489,7 +489,12 @@ def load_config(
 
 def parse_config_text(text: str, source: str = "<config>") -> HestiaConfig:
     try:
-        raw = yaml.load(text, Loader=_UniqueKeyLoader) or {}
+        raw = yaml.load(text, Loader=_UniqueKeyLoader) or {}  # a SafeLoader
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        what = " ".join(p for p in (exc.context, exc.problem) if p)
+        raise ConfigError(f"invalid YAML in {source}{where}: {what}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"invalid YAML in {source}: {exc}") from None
     return parse_config(raw, source=source)

@@ -136,3 +136,18 @@ async def test_openapi_describes_the_api(gateway_factory: Any) -> None:
         assert path in doc["paths"], path
     responses = doc["paths"]["/v1/services/{name}/start"]["post"]["responses"]
     assert {"404", "409", "503", "504"} <= set(responses)
+
+
+async def test_api_http_details(gateway_factory: Any) -> None:
+    gw = await gateway_factory({})
+    async with httpx.AsyncClient(base_url=gw.url) as client:
+        r = await client.head("/v1/health")
+        assert r.status_code == 200 and r.content == b""
+        r = await client.delete("/v1/health")
+        assert r.status_code == 405
+        assert set(r.headers["allow"].replace(" ", "").split(",")) == {"GET", "HEAD"}
+        assert r.json()["error"]["code"] == "method_not_allowed"
+        # no redirect built from the request's Host header
+        r = await client.get("/v1/services/", headers={"Host": "evil.example"})
+        assert r.status_code == 404 and "location" not in r.headers
+        assert "without the trailing slash" in r.json()["error"]["message"]

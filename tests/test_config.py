@@ -147,3 +147,74 @@ def test_invalid_service_name() -> None:
 def test_https_url_is_refused_clearly() -> None:
     with pytest.raises(ConfigError, match="https upstreams are not supported"):
         parse_config({"services": {"a": {"url": "https://example.invalid"}}})
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("database: {url: 'not a url'}\n", "database.url: 'not a url' is not a database URL"),
+        (
+            "database: {url: 'postgresql://u@h/db'}\n",
+            "database.url: 'postgresql://u@h/db': the Python driver for 'postgresql'",
+        ),
+        (
+            "services: {a: {url: 'http://127.0.0.1:99999'}}\n",
+            "services.a.url: 'http://127.0.0.1:99999' has a port outside 1-65535",
+        ),
+        ("defaults: {startup_timeout: .nan}\n", "defaults.startup_timeout: nan is not a finite"),
+        (
+            "services:\n  a: {url: 'http://127.0.0.1:1'}\n  a: {url: 'http://127.0.0.1:2'}\n",
+            "duplicate key 'a' (first on line 2)",
+        ),
+        ("server: {trusted_proxies: [lan]}\n", "server.trusted_proxies.0: 'lan' is not an IP"),
+    ],
+)
+def test_config_edge_cases_are_one_clear_line(tmp_path: Path, text: str, expected: str) -> None:
+    f = tmp_path / "hestia_config.yml"
+    f.write_text(text)
+    with pytest.raises(ConfigError) as exc:
+        load_config(f)
+    assert str(f) in exc.value.message
+    assert expected in exc.value.message
+    assert "\n" not in exc.value.message
+
+
+def test_config_file_that_is_not_a_text_file(tmp_path: Path) -> None:
+    binary = tmp_path / "bin.yml"
+    binary.write_bytes(b"\x7fELF\x00\x01\x02")
+    with pytest.raises(ConfigError, match="is not a text file"):
+        load_config(binary)
+    latin = tmp_path / "latin.yml"
+    latin.write_bytes(b"services: {caf\xe9: {url: 'http://x'}}")
+    with pytest.raises(ConfigError, match="is not UTF-8 text"):
+        load_config(latin)
+
+
+def test_config_path_that_is_a_directory(tmp_path: Path) -> None:
+    # what a bind mount of a file that is missing on the host creates
+    (tmp_path / "hestia_config.yml").mkdir()
+    with pytest.raises(ConfigError, match="is a directory, not a file .*create the file"):
+        load_config(tmp_path / "hestia_config.yml")
+
+
+def test_unreadable_config_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    f = tmp_path / "secret.yml"
+    f.write_text("services: {}\n")
+
+    def denied(self: Path) -> bytes:  # root reads any file: the refusal is simulated
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Path, "read_bytes", denied)
+    with pytest.raises(ConfigError, match=r"cannot be read \(permission denied\)"):
+        load_config(f)
+
+
+def test_cli_exits_2_with_one_line_for_a_bad_config(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from hestia.cli import main
+
+    (tmp_path / "dir.yml").mkdir()
+    assert main(["serve", "--config", str(tmp_path / "dir.yml")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("hestia: config path") and "directory" in err[0]

@@ -24,6 +24,14 @@ def test_readme_label_table_is_the_label_vocabulary() -> None:
     assert documented == KNOWN_LABELS
 
 
+@pytest.mark.parametrize("path", COMPOSE_FILES, ids=lambda p: str(p.relative_to(REPO)))
+def test_published_ports_are_on_loopback_by_default(path: Path) -> None:
+    services = (yaml.safe_load(path.read_text()) or {}).get("services") or {}
+    for name, spec in services.items():
+        for port in spec.get("ports") or []:
+            assert str(port).startswith("${HESTIA_BIND:-127.0.0.1}:"), f"{path.name}: {name}"
+
+
 def test_the_examples_are_there() -> None:
     assert {p.name for p in EXAMPLES} >= {"minimal.yml", "ollama.yml", "mixed.yml"}
 
