@@ -92,6 +92,22 @@ _HEAD = b"HEAD"
 
 TimeoutPhase = Literal["connect", "response_headers", "idle_body"]
 
+# What each three-digit status (all llhttp lets through) means here: one tuple index on the
+# per-response path instead of a chain of comparisons.
+_WITH_BODY, _NO_BODY, _INTERIM, _INVALID = 0, 1, 2, 3
+_STATUS_KIND = tuple(
+    _NO_BODY
+    if status in (204, 304)
+    # 101 is no interim response: this path never asks for an upgrade (WebSockets are
+    # relayed elsewhere).  000 is none either.
+    else _INTERIM
+    if 100 <= status <= 199 and status != 101
+    else _WITH_BODY
+    if 200 <= status <= 599
+    else _INVALID
+    for status in range(1000)
+)
+
 
 # ---------------------------------------------------------------- errors
 
@@ -523,18 +539,25 @@ class UpstreamConnection(asyncio.Protocol):
         if self.state is not _ACTIVE:
             self._unexpected_data()
             return
-        # (Bytes after a complete response are the parser callbacks' business:
-        # on_message_begin or on_body.)
-        if self.phase is not _P_BODY:
-            room = self._head_room - len(data)
-            if room < 0:
-                self._head_overflow(data)
-                return
-            self._head_room = room
+        if self.phase is _P_BODY:
+            try:
+                self._parser.feed_data(data)
+            except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
+                self._parser_failed(exc)
+            self._wake()
+            return
+        # The head (or bytes after a complete response, which are the parser callbacks'
+        # business: on_message_begin or on_body).
+        n = len(data)
+        if n > self._head_room:
+            self._head_overflow(data)
+            return
         try:
             self._parser.feed_data(data)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
             self._parser_failed(exc)
+        if self.phase is _P_HEAD:
+            self._head_room -= n  # still no final head: these bytes count towards the limit
         self._wake()
 
     def eof_received(self) -> bool | None:
@@ -603,10 +626,9 @@ class UpstreamConnection(asyncio.Protocol):
             )
         parser = self._parser
         status = parser.get_status_code()
-        if status < 200 or status > 599:
-            # Interim responses are skipped; 101 is not one: this path never asks for an
-            # upgrade (WebSockets are relayed elsewhere).  000 is no interim response either.
-            if 100 <= status <= 199 and status != 101:
+        kind = _STATUS_KIND[status]
+        if kind > _NO_BODY:
+            if kind == _INTERIM:
                 # 100 Continue, 102, 103 Early Hints, ...: skipped, staying in HEAD; the end
                 # of its (empty) message clears the way for the final head.
                 return
@@ -623,7 +645,7 @@ class UpstreamConnection(asyncio.Protocol):
             # bytes.  The message ends here; the next exchange gets a fresh parser.
             self.phase = _P_DONE
             self._keep_alive = _head_keep_alive(parser.get_http_version(), self.headers)
-        elif status == 204 or status == 304:
+        elif kind == _NO_BODY:
             self.phase = _P_DONE
             self._keep_alive = parser.should_keep_alive()
         else:

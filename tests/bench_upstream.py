@@ -8,13 +8,18 @@ request (the server's CPU is not counted), for sequential and 50-way concurrent 
 
 Each ``--module`` loads another copy of the module (e.g. ``git show
 HEAD~1:hestia/upstream.py > /tmp/old.py``) to compare with this checkout's; their runs are
-interleaved so that noise from other processes hits them alike.  On a shared machine CPU time
-is noisy; instructions are not.  ``--once N`` runs N requests once, for counting them::
+interleaved so that noise from other processes hits them alike.  ``--few-headers`` sends one
+request header and gets one back instead of what the proxy typically sends and gets.
 
-    valgrind --tool=cachegrind --cache-sim=no python3 tests/bench_upstream.py --once 2000
-    valgrind --tool=cachegrind --cache-sim=no python3 tests/bench_upstream.py --once 6000
+On a shared machine CPU time is noisy; instructions are not.  ``--once N`` runs N requests
+once, for counting them (give valgrind the interpreter itself, not a pyenv shim)::
 
-(the difference of the two totals / 4000 = instructions per request, start-up excluded).
+    PY=$(python3 -c 'import sys; print(sys.executable)')
+    valgrind --tool=cachegrind --cache-sim=no $PY tests/bench_upstream.py --once 2000
+    valgrind --tool=cachegrind --cache-sim=no $PY tests/bench_upstream.py --once 6000
+
+(the difference of the two "I refs" totals / 4000 = instructions per request, start-up
+excluded; only this process is counted, the server is a program of its own).
 """
 
 from __future__ import annotations

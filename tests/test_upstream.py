@@ -1026,39 +1026,35 @@ def test_upstream_timeouts_are_checked() -> None:
         UpstreamTimeouts(connect=-1.0)
 
 
-async def test_per_request_timeouts_replace_the_pool_default() -> None:
+async def test_per_request_timeouts_replace_the_pool_default(pool: UpstreamPool) -> None:
     async def handler(reader: Reader, writer: Writer, _: int) -> None:
         while True:
             line = (await read_head(reader))[0]
             if b"/slow" in line:
-                await asyncio.sleep(0.6)  # longer than the pool default below
+                await asyncio.sleep(0.6)  # longer than the default of `strict` below
                 writer.write(response(b"slow but fine"))
             # /never: no answer at all
 
-    pool = UpstreamPool(timeouts=UpstreamTimeouts(response_headers=0.2))
+    strict = UpstreamPool(timeouts=UpstreamTimeouts(response_headers=0.2))
     hdrs = [(b"host", b"x")]
     try:
         async with RawServer(handler) as srv:
+            no_limit = UpstreamTimeouts()
             resp = await asyncio.wait_for(
-                pool.request(HOST, srv.port, b"GET", b"/slow", hdrs, timeouts=UpstreamTimeouts()),
+                strict.request(HOST, srv.port, b"GET", b"/slow", hdrs, timeouts=no_limit),
                 DEADLINE,
             )
             assert await read_body(resp) == b"slow but fine"
+            # And the other way round: a limit for one request of a pool without one.
             with pytest.raises(UpstreamTimeoutError) as info:
+                short = UpstreamTimeouts(response_headers=0.1)
                 await asyncio.wait_for(
-                    UpstreamPool().request(
-                        HOST,
-                        srv.port,
-                        b"GET",
-                        b"/never",
-                        hdrs,
-                        timeouts=UpstreamTimeouts(response_headers=0.1),
-                    ),
+                    pool.request(HOST, srv.port, b"GET", b"/never", hdrs, timeouts=short),
                     DEADLINE,
                 )
             assert (info.value.phase, info.value.limit) == ("response_headers", 0.1)
     finally:
-        await pool.aclose()
+        await strict.aclose()
 
 
 async def test_idle_body_timeout(pool: UpstreamPool) -> None:
@@ -1437,7 +1433,7 @@ UVLOOP_SCENARIOS: dict[str, Scenario] = {
     "cancel": test_cancel_while_waiting_for_head_closes_upstream_socket,
     "dropped": test_dropped_response_closes_upstream_socket,
     "states": test_connection_states_through_exchanges,
-    "per_request_timeouts": _no_pool(test_per_request_timeouts_replace_the_pool_default),
+    "per_request_timeouts": test_per_request_timeouts_replace_the_pool_default,
     "idle_body": test_idle_body_timeout,
     "upload_not_read": test_upload_the_upstream_does_not_read_times_out,
     "huge_head": test_huge_response_head_is_refused_without_buffering_it,
