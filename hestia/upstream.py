@@ -1028,8 +1028,9 @@ class UpstreamPool:
 
         A request waiting for its head or a body being read on one of them fails at once
         with ``UpstreamProtocolError(reason)`` (after the body bytes already received).
-        For an upstream known to be gone, e.g. its container died.  Returns how many
-        connections were closed.
+        For an upstream known to be gone, e.g. its container died.  A connection still
+        being opened is not affected (it fails on its own if the upstream is gone).  Returns
+        how many connections were closed.
         """
         origin = self._origins.get((host, port))
         if origin is None:
