@@ -7,98 +7,39 @@ import functools
 import gc
 import itertools
 import socket
-import struct
 import tracemalloc
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
 
 import pytest
 
 from hestia.upstream import (
     _READ_HIGH_WATER,
+    TRANSITIONS,
+    ConnState,
+    ConnStateError,
+    Origin,
+    ResponsePhase,
     UpstreamConnectError,
+    UpstreamConnection,
+    UpstreamHeadTooLarge,
     UpstreamPool,
     UpstreamProtocolError,
     UpstreamResponse,
     UpstreamTimeoutError,
+    UpstreamTimeouts,
 )
-
-DEADLINE = 10.0
-HOST = "127.0.0.1"
-
-Reader = asyncio.StreamReader
-Writer = asyncio.StreamWriter
-Handler = Callable[[Reader, Writer, int], Awaitable[None]]
-
-
-class RawServer:
-    """asyncio.start_server speaking whatever raw bytes the test's handler writes."""
-
-    def __init__(self, handler: Handler) -> None:
-        self._handler = handler
-        self.connections = 0
-        self.port = 0
-        self._server: asyncio.Server | None = None
-        self._tasks: set[asyncio.Task[Any]] = set()
-        self._writers: list[asyncio.StreamWriter] = []
-
-    async def __aenter__(self) -> RawServer:
-        self._server = await asyncio.start_server(self._on_conn, HOST, 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def _on_conn(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        index = self.connections
-        self.connections += 1
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        self._writers.append(writer)
-        try:
-            await self._handler(reader, writer, index)
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass
-        finally:
-            writer.close()
-            self._tasks.discard(task)
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        assert self._server is not None
-        self._server.close()
-        # Aborting our side wakes every handler blocked on a read or a drain
-        # (also when the client stopped reading); cancel what is still stuck.
-        for writer in self._writers:
-            writer.transport.abort()
-        if self._tasks:
-            await asyncio.wait(set(self._tasks), timeout=DEADLINE)
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.wait_for(self._server.wait_closed(), DEADLINE)
-
-
-async def read_head(reader: asyncio.StreamReader) -> tuple[bytes, dict[bytes, bytes], bytes]:
-    """Read one request head: (request line, lower-cased headers, raw bytes)."""
-    raw = await reader.readuntil(b"\r\n\r\n")
-    lines = raw[:-4].split(b"\r\n")
-    headers: dict[bytes, bytes] = {}
-    for line in lines[1:]:
-        name, value = line.split(b":", 1)
-        headers[name.strip().lower()] = value.strip()
-    return lines[0], headers, raw
-
-
-async def wait_eof(reader: asyncio.StreamReader) -> None:
-    """Return once the peer closed (EOF or reset); ignore any bytes before that."""
-    try:
-        while await reader.read(65536):
-            pass
-    except ConnectionError:
-        pass
-
-
-def response(body: bytes, *extra: bytes, status: bytes = b"200 OK") -> bytes:
-    head = b"HTTP/1.1 " + status + b"\r\ncontent-length: %d\r\n" % len(body)
-    return head + b"".join(h + b"\r\n" for h in extra) + b"\r\n" + body
+from tests.conftest import wait_for as wait_until
+from tests.rawserver import (
+    DEADLINE,
+    HOST,
+    RawServer,
+    Reader,
+    Writer,
+    read_head,
+    reset,
+    response,
+    wait_eof,
+)
 
 
 async def read_body(resp: UpstreamResponse) -> bytes:
@@ -285,6 +226,7 @@ async def test_interim_1xx_responses_are_skipped(pool: UpstreamPool) -> None:
         writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         await writer.drain()
         await asyncio.sleep(0.01)
+        writer.write(b"HTTP/1.1 102 Processing\r\n\r\n")
         writer.write(b"HTTP/1.1 103 Early Hints\r\nlink: </s.css>\r\n\r\n")
         writer.write(response(b"final", b"x-final: 1", status=b"201 Created"))
         await read_head(reader)
@@ -423,23 +365,16 @@ async def test_idle_connection_closed_by_server_is_not_reused() -> None:
     async def one_piece() -> AsyncIterator[bytes]:
         yield b"payload"
 
-    def idle_conns() -> list[Any]:
-        return [c for conns in upool._idle.values() for c in conns]
-
-    async def until_client_saw_close() -> None:
-        for _ in itertools.count():
-            if all(c._closed for c in idle_conns()):
-                return
-            await asyncio.sleep(0.005)
-
     upool = UpstreamPool()
     try:
         async with RawServer(handler) as srv:
             assert await read_body(await get(upool, srv.port)) == b"c0"
-            assert len(idle_conns()) == 1
+            conns = upool.connections(HOST, srv.port)
+            assert [c.state for c in conns] == [ConnState.IDLE]
             first_read.set()
             await asyncio.wait_for(closed.wait(), DEADLINE)
-            await asyncio.wait_for(until_client_saw_close(), DEADLINE)
+            await wait_until(lambda: conns[0].state is ConnState.CLOSED, DEADLINE, "close seen")
+            assert upool.connections(HOST, srv.port) == []
             # A request with a body is never retried, so this only works if the
             # pool noticed the close and does not hand out the dead connection.
             hdrs = [(b"host", b"x"), (b"content-length", b"7")]
@@ -749,10 +684,11 @@ async def test_connection_refused() -> None:
     try:
         sock.bind((HOST, 0))  # bound, never listening: connecting is refused
         port = sock.getsockname()[1]
-        pool = UpstreamPool(connect_timeout=DEADLINE)
+        pool = UpstreamPool(timeouts=UpstreamTimeouts(connect=DEADLINE))
         with pytest.raises(UpstreamConnectError) as info:
             await get(pool, port)
         assert str(port) in info.value.reason
+        assert not isinstance(info.value, UpstreamTimeoutError)  # the proxy answers 502
         await pool.aclose()
     finally:
         sock.close()
@@ -769,9 +705,7 @@ async def test_server_dies_mid_body(pool: UpstreamPool, how: str) -> None:
         await writer.drain()
         await asyncio.sleep(0.05)
         if how == "reset":
-            sock = writer.get_extra_info("socket")
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            writer.transport.abort()
+            reset(writer)
         else:
             writer.close()
 
@@ -782,17 +716,24 @@ async def test_server_dies_mid_body(pool: UpstreamPool, how: str) -> None:
             await read_body(resp)
 
 
-async def test_read_timeout_when_configured() -> None:
+async def test_response_headers_timeout_from_the_pool_default() -> None:
+    upstream_saw_close = asyncio.Event()
+
     async def handler(reader: Reader, writer: Writer, _: int) -> None:
         await read_head(reader)
-        await wait_eof(reader)
+        await wait_eof(reader)  # a model still loading, for ever
+        upstream_saw_close.set()
 
-    pool = UpstreamPool(read_timeout=0.2)
+    pool = UpstreamPool(timeouts=UpstreamTimeouts(response_headers=0.2))
     try:
         async with RawServer(handler) as srv:
-            with pytest.raises(UpstreamTimeoutError):
+            with pytest.raises(UpstreamTimeoutError) as info:
                 await get(pool, srv.port)
-            assert srv.connections == 1
+            assert info.value.phase == "response_headers"
+            assert info.value.limit == 0.2
+            assert info.value.reason == ("no response head within 0.2s (timeouts.response_headers)")
+            await asyncio.wait_for(upstream_saw_close.wait(), DEADLINE)
+            assert srv.connections == 1  # a timeout is not retried
     finally:
         await pool.aclose()
 
@@ -817,9 +758,16 @@ async def test_aclose_mid_stream_closes_upstream_socket(pool: UpstreamPool) -> N
         assert srv.connections == 1
 
 
-async def test_connect_timeout() -> None:
-    # listen(0) and never accept: once the accept queue is full, SYNs are dropped
-    # (or refused where tcp_abort_on_overflow=1); either way a connect error.
+def kernel_refuses_over_backlog() -> bool:
+    with open("/proc/sys/net/ipv4/tcp_abort_on_overflow") as f:
+        return f.read().strip() != "0"
+
+
+async def test_connect_timeout_is_not_a_refusal() -> None:
+    # listen(0) and never accept: once the accept queue is full, the kernel drops SYNs
+    # and the connect hangs (where tcp_abort_on_overflow=1 it refuses them instead).
+    if kernel_refuses_over_backlog():
+        pytest.skip("this kernel refuses connections over the backlog instead")
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     fillers: list[socket.socket] = []
     try:
@@ -834,9 +782,14 @@ async def test_connect_timeout() -> None:
                 filler.connect((HOST, port))
             except BlockingIOError:
                 pass
-        pool = UpstreamPool(connect_timeout=0.2)
-        with pytest.raises(UpstreamConnectError):
+        pool = UpstreamPool(timeouts=UpstreamTimeouts(connect=0.2))
+        with pytest.raises(UpstreamTimeoutError) as info:
             await get(pool, port)
+        assert info.value.phase == "connect"
+        assert not isinstance(info.value, UpstreamConnectError)  # the proxy answers 504
+        assert info.value.reason == (
+            f"no connection to {HOST}:{port} within 0.2s (timeouts.connect)"
+        )
         await pool.aclose()
     finally:
         for filler in fillers:
@@ -860,11 +813,10 @@ async def test_slow_consumer_pauses_reading_and_connection_stays_usable(
         await wait_eof(reader)
 
     async def until_fully_received(resp: UpstreamResponse) -> None:
-        for _ in itertools.count():
-            conn = resp._conn
-            if conn is not None and conn._msg_done:
-                return
-            await asyncio.sleep(0.005)
+        conn = resp.connection
+        assert conn is not None
+        await wait_until(lambda: conn.phase is ResponsePhase.DONE, DEADLINE, "whole body")
+        assert conn.reading_paused
 
     async with RawServer(handler) as srv:
         resp = await get(pool, srv.port)
@@ -888,9 +840,9 @@ async def test_large_body_streams_through_with_back_pressure(pool: UpstreamPool)
 
     async def until_reading_paused(resp: UpstreamResponse) -> None:
         for _ in itertools.count():
-            conn = resp._conn
+            conn = resp.connection
             assert conn is not None
-            if conn._read_paused:
+            if conn.reading_paused:
                 return
             await asyncio.sleep(0.005)
 
@@ -900,9 +852,9 @@ async def test_large_body_streams_through_with_back_pressure(pool: UpstreamPool)
         total = len(await asyncio.wait_for(anext(it), DEADLINE))
         # The consumer stalls: the client stops reading instead of buffering 32 MiB.
         await asyncio.wait_for(until_reading_paused(resp), DEADLINE)
-        conn = resp._conn
+        conn = resp.connection
         assert conn is not None
-        assert conn._buffered <= 2 * _READ_HIGH_WATER
+        assert conn.buffered <= 2 * _READ_HIGH_WATER
 
         async def consume_rest() -> None:
             nonlocal total
@@ -971,6 +923,465 @@ async def test_cancel_while_waiting_for_head_closes_upstream_socket(pool: Upstre
         await asyncio.wait_for(upstream_saw_close.wait(), DEADLINE)
 
 
+# ---------------------------------------------------------------- connection states
+
+
+async def test_connection_states_through_exchanges(pool: UpstreamPool) -> None:
+    """ACTIVE while a response is out, IDLE back in the pool, CLOSED when cut short."""
+
+    async def handler(reader: Reader, writer: Writer, _: int) -> None:
+        await read_head(reader)
+        writer.write(response(b"whole"))
+        await read_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nhalf")
+        await wait_eof(reader)
+
+    async with RawServer(handler) as srv:
+        resp = await get(pool, srv.port)
+        conn = resp.connection
+        assert conn is not None
+        assert conn.state is ConnState.ACTIVE
+        assert (conn.status, conn.reason, conn.headers) == (200, b"OK", resp.headers)
+        assert await read_body(resp) == b"whole"
+        assert conn.state is ConnState.IDLE
+        assert pool.connections(HOST, srv.port) == [conn]
+
+        resp = await get(pool, srv.port)
+        assert resp.connection is conn
+        assert (conn.state, conn.phase) == (ConnState.ACTIVE, ResponsePhase.BODY)
+        await resp.aclose()  # before the end of the body
+        assert conn.state is ConnState.CLOSED
+        assert pool.connections(HOST, srv.port) == []
+
+
+STATES = [ConnState.NEW, ConnState.ACTIVE, ConnState.IDLE]
+MOVES = [ConnState.ACTIVE, ConnState.IDLE]  # start_exchange(), release()
+
+
+@pytest.mark.parametrize("move", MOVES, ids=lambda s: f"to_{s.name}")
+@pytest.mark.parametrize("state", STATES, ids=lambda s: f"from_{s.name}")
+async def test_moves_outside_the_table_raise(
+    pool: UpstreamPool, state: ConnState, move: ConnState
+) -> None:
+    """Each public move works exactly from the states TRANSITIONS allows; from any other
+    state it raises ConnStateError (a bug, not an upstream failure)."""
+
+    async def handler(reader: Reader, writer: Writer, _: int) -> None:
+        while True:
+            line = (await read_head(reader))[0]
+            if b"/partial" in line:
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nhalf")
+            else:
+                writer.write(response(b"ok"))
+
+    async with RawServer(handler) as srv:
+        held: list[UpstreamResponse] = []  # kept referenced: a dropped response aborts
+        if state is ConnState.NEW:
+            loop = asyncio.get_running_loop()
+            conn = UpstreamConnection(loop, Origin(HOST, srv.port), 65536, 256)
+            await asyncio.wait_for(loop.create_connection(lambda: conn, HOST, srv.port), DEADLINE)
+        elif state is ConnState.ACTIVE:
+            held.append(await get(pool, srv.port, b"/partial"))
+            active = held[0].connection
+            assert active is not None
+            conn = active
+        else:
+            assert await read_body(await get(pool, srv.port)) == b"ok"
+            [conn] = pool.connections(HOST, srv.port)
+        assert conn.state is state
+        try:
+            if move in TRANSITIONS[state]:
+                if move is ConnState.ACTIVE:
+                    conn.start_exchange(False, UpstreamTimeouts())  # nothing sent: no I/O
+                    assert conn.state is ConnState.ACTIVE
+                else:
+                    conn.release()  # mid-body: not reusable, so CLOSED rather than IDLE
+                    assert conn.state in TRANSITIONS[state]
+            else:
+                with pytest.raises(ConnStateError):
+                    if move is ConnState.ACTIVE:
+                        conn.start_exchange(False, UpstreamTimeouts())
+                    else:
+                        conn.release()
+                assert conn.state is state
+        finally:
+            conn.abort()
+        assert conn.state is ConnState.CLOSED
+        # CLOSED is final: starting an exchange is an upstream failure to report (the peer
+        # may have hung up meanwhile), releasing again a no-op.
+        with pytest.raises(UpstreamProtocolError):
+            conn.start_exchange(False, UpstreamTimeouts())
+        assert conn.release() is False
+        assert conn.state is ConnState.CLOSED
+
+
+# ---------------------------------------------------------------- limits and timeouts
+
+
+def test_upstream_timeouts_are_checked() -> None:
+    assert UpstreamTimeouts() == UpstreamTimeouts(10.0, None, None)
+    with pytest.raises(ValueError, match=r"timeouts\.idle_body must be a positive number"):
+        UpstreamTimeouts(idle_body=0)
+    with pytest.raises(ValueError, match=r"timeouts\.connect"):
+        UpstreamTimeouts(connect=-1.0)
+
+
+async def test_per_request_timeouts_replace_the_pool_default(pool: UpstreamPool) -> None:
+    async def handler(reader: Reader, writer: Writer, _: int) -> None:
+        while True:
+            line = (await read_head(reader))[0]
+            if b"/slow" in line:
+                await asyncio.sleep(0.6)  # longer than the default of `strict` below
+                writer.write(response(b"slow but fine"))
+            # /never: no answer at all
+
+    strict = UpstreamPool(timeouts=UpstreamTimeouts(response_headers=0.2))
+    hdrs = [(b"host", b"x")]
+    try:
+        async with RawServer(handler) as srv:
+            no_limit = UpstreamTimeouts()
+            resp = await asyncio.wait_for(
+                strict.request(HOST, srv.port, b"GET", b"/slow", hdrs, timeouts=no_limit),
+                DEADLINE,
+            )
+            assert await read_body(resp) == b"slow but fine"
+            # And the other way round: a limit for one request of a pool without one.
+            with pytest.raises(UpstreamTimeoutError) as info:
+                short = UpstreamTimeouts(response_headers=0.1)
+                await asyncio.wait_for(
+                    pool.request(HOST, srv.port, b"GET", b"/never", hdrs, timeouts=short),
+                    DEADLINE,
+                )
+            assert (info.value.phase, info.value.limit) == ("response_headers", 0.1)
+    finally:
+        await strict.aclose()
+
+
+async def test_idle_body_timeout(pool: UpstreamPool) -> None:
+    upstream_saw_close = asyncio.Event()
+
+    async def handler(reader: Reader, writer: Writer, _: int) -> None:
+        await read_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nfirst\r\n")
+        await wait_eof(reader)  # and then nothing: a wedged upstream
+        upstream_saw_close.set()
+
+    async with RawServer(handler) as srv:
+        resp = await asyncio.wait_for(
+            pool.request(
+                HOST,
+                srv.port,
+                b"GET",
+                b"/",
+                [(b"host", b"x")],
+                timeouts=UpstreamTimeouts(idle_body=0.2),
+            ),
+            DEADLINE,
+        )
+        received: list[bytes] = []
+        with pytest.raises(UpstreamTimeoutError) as info:
+            async with asyncio.timeout(DEADLINE):
+                async for chunk in resp.read_chunks():
+                    received.append(chunk)
+        await resp.aclose()
+        assert received == [b"first"]
+        assert info.value.phase == "idle_body"
+        assert info.value.reason == "no body data for 0.2s (timeouts.idle_body)"
+        await asyncio.wait_for(upstream_saw_close.wait(), DEADLINE)
+
+
+async def test_upload_the_upstream_does_not_read_times_out(pool: UpstreamPool) -> None:
+    """An upstream that takes the head and then neither reads the body nor answers."""
+    release = asyncio.Event()
+    produced = 0
+
+    async def handler(reader: Reader, writer: Writer, _: int) -> None:
+        await read_head(reader)
+        await asyncio.wait_for(release.wait(), DEADLINE)
+
+    async def body() -> AsyncIterator[bytes]:
+        nonlocal produced
+        for _ in range(16 * 1024):  # up to 1 GiB: far more than socket buffers hold
+            produced += 1
+            yield bytes(UPLOAD_PIECE)
+
+    async with RawServer(handler) as srv:
+        with pytest.raises(UpstreamTimeoutError) as info:
+            await asyncio.wait_for(
+                pool.request(
+                    HOST,
+                    srv.port,
+                    b"PUT",
+                    b"/",
+                    [(b"host", b"x")],
+                    body(),
+                    timeouts=UpstreamTimeouts(response_headers=0.2),
+                ),
+                DEADLINE,
+            )
+        release.set()
+    assert info.value.phase == "response_headers"
+    assert "neither read the request body nor answered for 0.2s" in info.value.reason
+    assert produced < 16 * 1024
+
+
+async def test_huge_response_head_is_refused_without_buffering_it(pool: UpstreamPool) -> None:
+    """A 64 MiB header line: refused once past max_response_head, and never held in memory."""
+    sent = 0
+    gave_up = asyncio.Event()
+
+    async def handler(reader: Reader, writer: Writer, _: int) -> None:
+        nonlocal sent
+        await read_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nx-big: ")
+        piece = b"a" * 65536
+        try:
+            for _ in range(1024):  # 64 MiB
+                writer.write(piece)
+                await writer.drain()
+                sent += len(piece)
+        except ConnectionError:
+            pass
+        gave_up.set()
+
+    async with RawServer(handler) as srv:
+        tracemalloc.start()
+        try:
+            with pytest.raises(UpstreamHeadTooLarge) as info:
+                await get(pool, srv.port)
+            await asyncio.wait_for(gave_up.wait(), DEADLINE)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    assert info.value.limit == 65536
+    assert info.value.reason == (
+        "upstream response head is larger than 65536 bytes (max_response_head)"
+    )
+    assert isinstance(info.value, UpstreamProtocolError)
+    # The client stopped reading (the connection is gone) long before 64 MiB...
+    assert sent < 16 * 1024 * 1024, sent
+    # ...and held no more than a few socket reads at a time (this counts the server too).
+    assert peak < 4 * 1024 * 1024, peak
+
+
+def head_of(size: int) -> bytes:
+    """A response head of exactly ``size`` bytes, announcing a 4-byte body."""
+    start = b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\nx-pad: "
+    end = b"\r\n\r\n"
+    return start + b"p" * (size - len(start) - len(end)) + end
+
+
+@pytest.mark.parametrize("delivery", ["one write", "trickled"])
+async def test_response_head_limit_is_exact(delivery: str) -> None:
+    async def handler(reader: Reader, writer: Writer, _: int) -> None:
+        while True:
+            line = (await read_head(reader))[0]
+            raw = head_of(int(line.split(b"/")[1].split(b" ")[0])) + b"body"
+            if delivery == "one write":
+                writer.write(raw)
+            else:
+                for i in range(0, len(raw), 100):
+                    writer.write(raw[i : i + 100])
+                    await writer.drain()
+                    await asyncio.sleep(0.001)
+
+    pool = UpstreamPool(max_response_head=1024)
+    try:
+        async with RawServer(handler) as srv:
+            assert await read_body(await get(pool, srv.port, b"/1024")) == b"body"
+            with pytest.raises(UpstreamHeadTooLarge) as info:
+                await get(pool, srv.port, b"/1025")
+            assert info.value.limit == 1024
+            assert await read_body(await get(pool, srv.port, b"/1000")) == b"body"
+    finally:
+        await pool.aclose()
+
+
+async def test_header_count_limit(pool: UpstreamPool) -> None:
+    async def handler(reader: Reader, writer: Writer, _: int) -> None:
+        while True:
+            line = (await read_head(reader))[0]
+            count = int(line.split(b"/")[1].split(b" ")[0])
+            extra = [b"x-h%d: %d" % (i, i) for i in range(count - 1)]  # + content-length
+            writer.write(response(b"ok", *extra))
+
+    async with RawServer(handler) as srv:
+        resp = await get(pool, srv.port, b"/256")
+        assert len(resp.headers) == 256
+        assert await read_body(resp) == b"ok"
+        with pytest.raises(UpstreamHeadTooLarge) as info:
+            await get(pool, srv.port, b"/257")
+        assert info.value.limit == 256
+        assert "more than 256 header lines (max_response_headers)" in info.value.reason
+        assert await read_body(await get(pool, srv.port, b"/1")) == b"ok"
+        assert srv.connections == 2  # the connection of the refused response was not kept
+
+
+# ---------------------------------------------------------------- odd upstreams
+
+
+async def test_close_delimited_body_cut_by_a_reset_is_an_error(pool: UpstreamPool) -> None:
+    """Without framing a clean FIN ends the body (test_body_until_close); a reset is no end."""
+    client_got_first = asyncio.Event()
+
+    async def handler(reader: Reader, writer: Writer, _: int) -> None:
+        await read_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\n\r\nfirst part")
+        await writer.drain()
+        await asyncio.wait_for(client_got_first.wait(), DEADLINE)
+        reset(writer)
+
+    async with RawServer(handler) as srv:
+        resp = await get(pool, srv.port)
+        it = resp.read_chunks().__aiter__()
+        assert await asyncio.wait_for(anext(it), DEADLINE) == b"first part"
+        client_got_first.set()
+        with pytest.raises(UpstreamProtocolError) as info:
+            await asyncio.wait_for(anext(it), DEADLINE)
+        await resp.aclose()
+        assert info.value.reason.startswith("upstream connection reset mid-body")
+
+
+REPLAYABLE = [b"GET", b"HEAD", b"OPTIONS", b"TRACE"]
+NOT_REPLAYABLE = [b"POST", b"PUT", b"DELETE", b"PATCH"]
+
+
+@pytest.mark.parametrize("method", REPLAYABLE + NOT_REPLAYABLE, ids=bytes.decode)
+async def test_stale_connection_replays_only_safe_bodiless_requests(
+    pool: UpstreamPool, method: bytes
+) -> None:
+    """RFC 9110 9.2.2: a request the server may have acted on is never sent twice, even
+    without a body.  Here connection 0 takes the second request and dies unanswered."""
+    seen: list[bytes] = []
+
+    async def handler(reader: Reader, writer: Writer, index: int) -> None:
+        while True:
+            line = (await read_head(reader))[0]
+            seen.append(line.split(b" ")[0])
+            if index == 0 and len(seen) == 2:
+                writer.transport.abort()
+                return
+            writer.write(response(b"conn%d" % index))
+
+    async with RawServer(handler) as srv:
+        assert await read_body(await get(pool, srv.port)) == b"conn0"
+        hdrs = [(b"host", b"x"), (b"content-length", b"0")]
+        request = pool.request(HOST, srv.port, method, b"/thing", hdrs)
+        if method in REPLAYABLE:
+            resp = await asyncio.wait_for(request, DEADLINE)
+            assert await read_body(resp) == (b"" if method == b"HEAD" else b"conn1")
+            assert seen == [b"GET", method, method]
+            assert srv.connections == 2
+        else:
+            with pytest.raises(UpstreamProtocolError):
+                await asyncio.wait_for(request, DEADLINE)
+            assert seen == [b"GET", method]
+            assert srv.connections == 1
+
+
+@pytest.mark.parametrize(
+    ("status_line", "code"),
+    [
+        (b"HTTP/1.1 000 Zero", b"000"),
+        (b"HTTP/1.1 099 Low", b"099"),
+        (b"HTTP/1.1 600 High", b"600"),
+        (b"HTTP/1.1 999 Nine", b"999"),
+        (b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade", b"101"),
+    ],
+)
+async def test_invalid_statuses_are_protocol_errors(
+    pool: UpstreamPool, status_line: bytes, code: bytes
+) -> None:
+    """A valid response follows each odd head: none of them may be skipped as interim."""
+    upstream_saw_close = asyncio.Event()
+
+    async def handler(reader: Reader, writer: Writer, _: int) -> None:
+        await read_head(reader)
+        writer.write(status_line + b"\r\n\r\n" + response(b"hidden"))
+        await wait_eof(reader)
+        upstream_saw_close.set()
+
+    async with RawServer(handler) as srv:
+        with pytest.raises(UpstreamProtocolError) as info:
+            await get(pool, srv.port)
+        assert info.value.reason == f"upstream answered with an invalid status {code.decode()}"
+        await asyncio.wait_for(upstream_saw_close.wait(), DEADLINE)
+
+
+@pytest.mark.parametrize("method", [b"GET", b"HEAD"], ids=bytes.decode)
+async def test_extra_bytes_after_a_response_are_never_taken_for_the_next(
+    pool: UpstreamPool, method: bytes
+) -> None:
+    async def handler(reader: Reader, writer: Writer, index: int) -> None:
+        while True:
+            await read_head(reader)
+            if index == 0:  # one response too many, in the same write
+                writer.write(response(b"one") + response(b"smuggled"))
+            else:
+                writer.write(response(b"fresh"))
+
+    async with RawServer(handler) as srv:
+        first = await get(pool, srv.port, method=method)
+        assert await read_body(first) == (b"" if method == b"HEAD" else b"one")
+        assert await read_body(await get(pool, srv.port)) == b"fresh"
+        assert srv.connections == 2
+
+
+# ---------------------------------------------------------------- aborting an origin
+
+
+async def test_abort_origin_fails_in_flight_exchanges_and_closes_idle_ones(
+    pool: UpstreamPool,
+) -> None:
+    """A container died: its connections go, whatever they were doing; others stay."""
+    idle_closed = asyncio.Event()
+    waiting_for_head = asyncio.Event()
+
+    async def dying(reader: Reader, writer: Writer, index: int) -> None:
+        await read_head(reader)
+        if index == 0:  # a download, wedged halfway (no FIN, no RST: the host is gone)
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\npart")
+            await wait_eof(reader)
+        elif index == 1:  # a request still waiting for its head
+            waiting_for_head.set()
+            await wait_eof(reader)
+        else:  # an idle keep-alive connection
+            writer.write(response(b"done"))
+            await wait_eof(reader)
+            idle_closed.set()
+
+    async def healthy(reader: Reader, writer: Writer, _: int) -> None:
+        while True:
+            await read_head(reader)
+            writer.write(response(b"alive"))
+
+    reason = "container of service 'x' exited (code 137) mid-request"
+    async with RawServer(dying) as dead, RawServer(healthy) as other:
+        download = await get(pool, dead.port)
+        it = download.read_chunks().__aiter__()
+        assert await asyncio.wait_for(anext(it), DEADLINE) == b"part"
+        body_read = asyncio.ensure_future(anext(it))
+        head_wait = asyncio.ensure_future(get(pool, dead.port))
+        await asyncio.wait_for(waiting_for_head.wait(), DEADLINE)
+        assert await read_body(await get(pool, dead.port)) == b"done"
+        assert await read_body(await get(pool, other.port)) == b"alive"
+        assert len(pool.connections(HOST, dead.port)) == 3
+
+        assert pool.abort_origin(HOST, dead.port, reason) == 3
+
+        for task in (body_read, head_wait):
+            with pytest.raises(UpstreamProtocolError) as info:
+                await asyncio.wait_for(task, DEADLINE)
+            assert info.value.reason == reason
+        await download.aclose()
+        await asyncio.wait_for(idle_closed.wait(), DEADLINE)
+        assert pool.connections(HOST, dead.port) == []
+        assert pool.abort_origin(HOST, dead.port, reason) == 0
+        # The other origin's idle connection is untouched and reused.
+        assert await read_body(await get(pool, other.port)) == b"alive"
+        assert other.connections == 1
+
+
 # ---------------------------------------------------------------- the same under uvloop
 
 Scenario = Callable[[UpstreamPool], Awaitable[None]]
@@ -1015,12 +1426,35 @@ UVLOOP_SCENARIOS: dict[str, Scenario] = {
     "early_response": test_early_response_stops_blocked_upload,
     "refused": _no_pool(test_connection_refused),
     "reset_mid_body": functools.partial(test_server_dies_mid_body, how="reset"),
-    "read_timeout": _no_pool(test_read_timeout_when_configured),
+    "read_timeout": _no_pool(test_response_headers_timeout_from_the_pool_default),
     "aclose_mid_stream": test_aclose_mid_stream_closes_upstream_socket,
     "slow_consumer": test_slow_consumer_pauses_reading_and_connection_stays_usable,
     "back_pressure": test_large_body_streams_through_with_back_pressure,
     "cancel": test_cancel_while_waiting_for_head_closes_upstream_socket,
     "dropped": test_dropped_response_closes_upstream_socket,
+    "states": test_connection_states_through_exchanges,
+    "per_request_timeouts": test_per_request_timeouts_replace_the_pool_default,
+    "idle_body": test_idle_body_timeout,
+    "upload_not_read": test_upload_the_upstream_does_not_read_times_out,
+    "huge_head": test_huge_response_head_is_refused_without_buffering_it,
+    "head_limit": _no_pool(
+        functools.partial(test_response_head_limit_is_exact, delivery="trickled")
+    ),
+    "header_count": test_header_count_limit,
+    "reset_close_delimited": test_close_delimited_body_cut_by_a_reset_is_an_error,
+    "replay_get": functools.partial(
+        test_stale_connection_replays_only_safe_bodiless_requests, method=b"GET"
+    ),
+    "no_replay_post": functools.partial(
+        test_stale_connection_replays_only_safe_bodiless_requests, method=b"POST"
+    ),
+    "status_000": functools.partial(
+        test_invalid_statuses_are_protocol_errors, status_line=b"HTTP/1.1 000 Zero", code=b"000"
+    ),
+    "extra_bytes_head": functools.partial(
+        test_extra_bytes_after_a_response_are_never_taken_for_the_next, method=b"HEAD"
+    ),
+    "abort_origin": test_abort_origin_fails_in_flight_exchanges_and_closes_idle_ones,
 }
 
 
