@@ -92,6 +92,15 @@ class Gateway:
         self, svc: Service, old: State, new: State, cause: str, reason: str, spent: float
     ) -> None:
         self.metrics.on_transition(svc.name, old.value, new.value, spent)
+        if old is State.READY and cause == "external" and svc.last_upstream is not None:
+            # the instance died or was replaced under open downloads: cut them now, or a
+            # slow reader waits for ever on a socket whose other end is gone
+            up = svc.last_upstream
+            cut = self.pool.abort_origin(
+                up.host, up.port, f"service {svc.name!r} stopped outside Hestia ({reason})"
+            )
+            if cut:
+                logger.info("service {}: cut {} open upstream connection(s)", svc.name, cut)
         self.store.record_event(
             EventRow(
                 service=svc.name,

@@ -59,8 +59,13 @@ LABELS: dict[str, str] = {
     "health.path": "readiness: the path of the HTTP probe",
     "health.status": "readiness: the status the probe expects (default: any below 500)",
     "health.type": "readiness: `auto`, `docker`, `http` or `tcp`",
+    "timeouts.connect": "how long connecting to the upstream may take",
+    "timeouts.response_headers": "how long the upstream may take to start its answer",
+    "timeouts.idle_body": "how long the upstream may pause in the middle of a body",
 }
 _IDENTITY_LABELS = frozenset({"enable", "service", "scope"})
+# service settings that are mappings, merged key by key across the layers
+_NESTED = ("health", "timeouts")
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
@@ -101,6 +106,17 @@ class HealthConfig(_Strict):
     # None: any status below 500 means up (a 401/404 on `/` must not keep a service starting).
     status: int | None = Field(default=None, ge=100, le=599)
     interval: Duration = 0.05
+
+
+class UpstreamTimeoutsConfig(_Strict):
+    """How long the gateway waits on a service's upstream; each ends in 504 upstream_timeout
+    when nothing was sent to the client yet, or a cut connection when it was."""
+
+    connect: Duration = 10.0
+    # the first byte of the answer: generous, a model may think (or load) for minutes
+    response_headers: Duration | None = 600.0
+    # no byte for this long in the middle of a body; None: no limit (SSE streams may idle)
+    idle_body: Duration | None = None
 
 
 def _check_url(value: str | None) -> str | None:
@@ -156,6 +172,7 @@ class ServiceConfig(_Strict):
     # What a failed start does to what it started: stop it (default) or leave it running
     # (for debugging a container that never becomes ready).
     on_start_failure: Literal["stop", "leave"] = "stop"
+    timeouts: UpstreamTimeoutsConfig = UpstreamTimeoutsConfig()
     # Where the settings came from: the config file, labels, or both (config wins key by key).
     source: Source = "config"
 
@@ -302,6 +319,7 @@ class _Settings(_Strict):
     max_concurrency: int | None = None
     on_start_failure: Literal["stop", "leave"] | None = None
     health: dict[str, Any] | None = None
+    timeouts: dict[str, Any] | None = None
 
 
 class _ServiceEntry(_Settings):
@@ -345,7 +363,7 @@ class HestiaConfig(_Strict):
             merged["container"] = instance
         if backend is not None:
             merged["backend"] = backend
-        health: dict[str, Any] = {}
+        nested: dict[str, dict[str, Any]] = {key: {} for key in _NESTED}
         layers: list[dict[str, Any]] = [self.defaults.model_dump(exclude_none=True)]
         if labels:
             layers.append(labels_to_settings(labels))
@@ -353,9 +371,10 @@ class HestiaConfig(_Strict):
         if entry is not None:
             layers.append(entry.model_dump(exclude_none=True))
         for layer in layers:
-            health.update(layer.pop("health", {}) or {})
+            for key in _NESTED:  # merged key by key too: health.path from a label, ...
+                nested[key].update(layer.pop(key, {}) or {})
             merged.update(layer)
-        merged["health"] = health
+        merged.update(nested)
         if merged.get("container") is not None and "backend" not in merged:
             merged["backend"] = "docker"
         merged["source"] = (
@@ -380,8 +399,9 @@ def labels_to_settings(labels: dict[str, str]) -> dict[str, Any]:
         field = key[len(LABEL_PREFIX) :]
         if field not in LABELS or field in _IDENTITY_LABELS:
             continue
-        if field.startswith("health."):
-            out.setdefault("health", {})[field[len("health.") :]] = value
+        group, dot, key = field.partition(".")
+        if dot:
+            out.setdefault(group, {})[key] = value
         else:
             out[field] = value
     return out

@@ -12,6 +12,7 @@ HestiaError
  +-- StartCancelled           409  start_cancelled   (a stop cancelled the start being waited on)
  +-- ServiceBusy              503  service_busy      (every max_concurrency slot taken too long)
  +-- UpstreamUnreachable      502  upstream_unreachable (refused, reset, bad response)
+ +-- UpstreamBadAnswer        502  upstream_bad_response (malformed, odd status, head too big)
  +-- UpstreamTimeout          504  upstream_timeout  (connect / response head / body too slow)
  +-- BackendError             502  backend_error     (Docker said no)
  +-- BadRequest               400  bad_request
@@ -110,6 +111,11 @@ class ServiceBusy(HestiaError):
 class UpstreamUnreachable(HestiaError):
     status = 502
     code = "upstream_unreachable"
+
+
+class UpstreamBadAnswer(HestiaError):
+    status = 502
+    code = "upstream_bad_response"
 
 
 class UpstreamTimeout(HestiaError):

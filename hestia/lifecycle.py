@@ -41,6 +41,7 @@ from hestia.errors import (
     ShuttingDown,
 )
 from hestia.limiter import Limiter
+from hestia.upstream import UpstreamTimeouts
 
 # How often a start re-inspects the instance even without an event (a safety net for a
 # missed event; readiness itself is noticed through events and the fast probe interval).
@@ -79,6 +80,11 @@ def _strict() -> bool:
     return os.environ.get("HESTIA_STRICT", "") not in ("", "0")
 
 
+def _upstream_timeouts(config: ServiceConfig) -> UpstreamTimeouts:
+    t = config.timeouts
+    return UpstreamTimeouts(t.connect, t.response_headers or None, t.idle_body or None)
+
+
 # (service, from_state, to_state, cause, reason, seconds spent in from_state)
 StateListener = Callable[["Service", State, State, str, str, float], None]
 
@@ -114,6 +120,7 @@ class Service:
         self.in_flight = 0
         self.waiting = 0
         self._limiter = Limiter(config.max_concurrency)
+        self.timeouts = _upstream_timeouts(config)
         self.peak_waiting = 0
         self._state_since = time.monotonic()
         self._restored_state: str | None = None
@@ -560,6 +567,7 @@ class Service:
         was_managed = self.backend is not None
         self.backend = backend if config.managed else None
         self._limiter.resize(config.max_concurrency)
+        self.timeouts = _upstream_timeouts(config)
         if config.instance != old.instance and self.instance_id is None:
             self.instance_name = config.instance
         if config.url != old.url:

@@ -24,6 +24,7 @@ from hestia.address import Upstream
 from hestia.errors import (
     HestiaError,
     ServiceNotFound,
+    UpstreamBadAnswer,
     UpstreamTimeout,
     UpstreamUnreachable,
     send_error,
@@ -34,6 +35,7 @@ from hestia.metrics import UNKNOWN_SERVICE, Metrics
 from hestia.router import Route
 from hestia.types import Receive, Scope, Send
 from hestia.upstream import (
+    UpstreamBadResponse,
     UpstreamError,
     UpstreamPool,
     UpstreamTimeoutError,
@@ -255,7 +257,13 @@ class Proxy:
             body = watch.request_body() if has_body else None
             try:
                 resp = await self._pool.request(
-                    upstream.host, upstream.port, method.encode(), target, headers, body
+                    upstream.host,
+                    upstream.port,
+                    method.encode(),
+                    target,
+                    headers,
+                    body,
+                    timeouts=service.timeouts,
                 )
             except UpstreamError as exc:
                 if watch.disconnected:
@@ -274,6 +282,12 @@ class Proxy:
                     err = UpstreamTimeout(
                         f"service {name!r} at {upstream.display} did not answer in time: "
                         f"{exc.reason}",
+                        service=name,
+                    )
+                elif isinstance(exc, UpstreamBadResponse):
+                    err = UpstreamBadAnswer(
+                        f"service {name!r} at {upstream.display} answered with something "
+                        f"Hestia cannot pass on: {exc.reason}",
                         service=name,
                     )
                 else:

@@ -367,10 +367,14 @@ class Registry:
                 known[info.id] = info
                 fresh.add(info.id)
         if svc is not None and event.kind in ("die", "stop", "start"):
-            # the bound instance's own news: the lifecycle acts on it; its state is not
-            # adopted again from the (possibly older) inspect
+            # the bound instance's own news: the lifecycle acts on it when the instance's
+            # state now agrees (an event replayed after a reconnect or a restart of Hestia
+            # must not undo what happened since); its state is not adopted again from it
             fresh.discard(event.id)
-            svc.on_event(event)
+            now = known.get(event.id)
+            running_now = now is not None and now.running
+            if running_now == (event.kind == "start"):
+                svc.on_event(event)
         if svc is not None and event.kind == "rename" and _RECREATE_NAME.match(event.name):
             # compose is re-creating it: the new container follows (released when it binds)
             svc.hold_starts(max(self._grace, RECREATE_RENAME_HOLD_S))

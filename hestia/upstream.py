@@ -39,10 +39,10 @@ the proxy should answer)::
      +-- UpstreamConnectError     refused, unreachable, DNS failure                 502
      +-- UpstreamTimeoutError     a limit of UpstreamTimeouts passed; .phase is     504
      |                            "connect", "response_headers" or "idle_body"; .limit
-     +-- UpstreamProtocolError    reset or closed mid-response, malformed head,     502
-          |                       invalid status (000, 999, 101), origin aborted
-          +-- UpstreamHeadTooLarge  head over max_response_head bytes or
-                                    max_response_headers lines; .limit
+     +-- UpstreamProtocolError    reset or closed mid-response, origin aborted      502
+          +-- UpstreamBadResponse   malformed head, invalid status (000, 999, 101)  502
+               +-- UpstreamHeadTooLarge  head over max_response_head bytes or
+                                         max_response_headers lines; .limit
 
 :class:`ConnStateError` is not an upstream failure but a bug in this module or its caller.
 """
@@ -63,6 +63,7 @@ __all__ = [
     "ConnState",
     "ConnStateError",
     "Origin",
+    "UpstreamBadResponse",
     "UpstreamConnectError",
     "UpstreamConnection",
     "UpstreamError",
@@ -146,7 +147,11 @@ class UpstreamProtocolError(UpstreamError):
     """Connection reset or closed mid-response, a malformed response, or an aborted origin."""
 
 
-class UpstreamHeadTooLarge(UpstreamProtocolError):
+class UpstreamBadResponse(UpstreamProtocolError):
+    """The upstream answered, but not with HTTP the gateway can pass on."""
+
+
+class UpstreamHeadTooLarge(UpstreamBadResponse):
     """The response head is over the pool's byte or header-line limit (``limit``)."""
 
     def __init__(self, reason: str, limit: int) -> None:
@@ -633,7 +638,7 @@ class UpstreamConnection(asyncio.Protocol):
                 # of its (empty) message clears the way for the final head.
                 return
             raise self._stop_parsing(
-                UpstreamProtocolError(f"upstream answered with an invalid status {status:03d}")
+                UpstreamBadResponse(f"upstream answered with an invalid status {status:03d}")
             )
         self.status = status
         timer = self._head_timer
@@ -735,7 +740,7 @@ class UpstreamConnection(asyncio.Protocol):
         return error
 
     def _parser_failed(self, exc: Exception) -> None:
-        self.abort(UpstreamProtocolError(f"malformed upstream response: {exc}"))
+        self.abort(UpstreamBadResponse(f"malformed upstream response: {exc}"))
 
     def _head_overflow(self, data: bytes) -> None:
         """The head is not complete within the bytes it may still take: parse exactly those,

@@ -151,3 +151,24 @@ async def test_api_http_details(gateway_factory: Any) -> None:
         r = await client.get("/v1/services/", headers={"Host": "evil.example"})
         assert r.status_code == 404 and "location" not in r.headers
         assert "without the trailing slash" in r.json()["error"]["message"]
+
+
+async def test_crash_mid_download_cuts_the_clients_stream(
+    gateway_factory: Any, backend: MemoryBackend
+) -> None:
+    # the crashed instance's connection stays open and silent: only the gateway's reaction
+    # to the crash (cutting the origin's connections) ends the client's stream
+    inst = backend.add("dl", labels=ON, freeze_on_crash=True)
+    gw = await _gateway(gateway_factory, backend)
+    svc = gw.service("dl")
+    async with httpx.AsyncClient(base_url=gw.url, timeout=30) as client:
+        async with client.stream("GET", "/services/dl/stream") as r:
+            chunks = r.aiter_raw()
+            await anext(chunks)
+            await backend.crash(inst.id)
+            with pytest.raises(httpx.RemoteProtocolError):
+                async with asyncio.timeout(10):
+                    async for _ in chunks:
+                        pass
+    await wait_for(lambda: svc.in_flight == 0, 5, "the stream to be released")
+    assert svc.state == "stopped"

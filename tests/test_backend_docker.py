@@ -100,3 +100,13 @@ def test_raw_events() -> None:
     assert renamed is not None and (renamed.name, renamed.old_name) == ("new", "old")
     assert event_from_raw({"Type": "container", "Action": "exec_start: sh"}) is None
     assert event_from_raw({"Type": "network", "Action": "connect"}) is None
+
+
+def test_events_resume_from_the_nanosecond() -> None:
+    from hestia.backends.docker import _resume_point
+
+    assert _resume_point({"time": 1700000000, "timeNano": 1700000000123456789}) == (
+        "1700000000.123456789"
+    )
+    assert _resume_point({"time": 1700000000}) == "1700000000"
+    assert _resume_point({}) is None

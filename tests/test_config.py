@@ -193,7 +193,7 @@ def test_config_file_that_is_not_a_text_file(tmp_path: Path) -> None:
 def test_config_path_that_is_a_directory(tmp_path: Path) -> None:
     # what a bind mount of a file that is missing on the host creates
     (tmp_path / "hestia_config.yml").mkdir()
-    with pytest.raises(ConfigError, match="is a directory, not a file .*create the file"):
+    with pytest.raises(ConfigError, match=r"is a directory, not a file .*create the file"):
         load_config(tmp_path / "hestia_config.yml")
 
 

@@ -197,6 +197,15 @@ def resolve_address(
     return None
 
 
+def _resume_point(raw: dict[str, Any]) -> str | None:
+    """Docker's `since` for resuming after this event (seconds, with the nanoseconds)."""
+    nanos = raw.get("timeNano")
+    if isinstance(nanos, int):
+        return f"{nanos // 1_000_000_000}.{nanos % 1_000_000_000:09d}"
+    stamp = raw.get("time")
+    return str(stamp) if stamp is not None else None
+
+
 def event_from_raw(raw: dict[str, Any]) -> BackendEvent | None:
     """One decoded Docker event -> BackendEvent (None: not one the registry follows)."""
     if raw.get("Type", "container") != "container":
@@ -259,11 +268,11 @@ class DockerBackend:
                 decode=True, filters={"type": "container"}, since=since
             ),
             event_from_raw,
-            lambda raw: raw.get("time"),
+            _resume_point,
             lambda stream: stream.close(),  # type: ignore[attr-defined]
-            # Docker's `since` is in whole seconds: a second back, a few old events come
-            # again, which the registry takes in its stride; none is lost
-            lambda: int(time.time()) - 1,
+            # a little back: events of the last moment may come twice, none is lost; the
+            # registry checks each against a fresh inspect
+            lambda: f"{time.time() - 0.2:.6f}",
         )
 
     async def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:

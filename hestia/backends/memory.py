@@ -45,6 +45,9 @@ class MemoryInstance:
     stop_delay: float = 0.0  # seconds a graceful stop takes
     ignores_stop: bool = False  # only a kill after the stop timeout ends it
     refuse_start: str | None = None  # the engine refuses to start it, with this message
+    # a crash leaves its connections open and silent (as when a container's network
+    # namespace vanishes with data in flight): only the gateway can cut them
+    freeze_on_crash: bool = False
     logs: list[str] = field(default_factory=list)
     lineage: str = ""
     id: str = ""
@@ -57,6 +60,7 @@ class MemoryInstance:
     stops: int = 0
     _server: asyncio.Server | None = None
     _conns: set[asyncio.StreamWriter] = field(default_factory=set)
+    _frozen: set[asyncio.StreamWriter] = field(default_factory=set)
     _come_up: asyncio.Task[None] | None = None
 
     def __post_init__(self) -> None:
@@ -97,6 +101,9 @@ class MemoryBackend:
 
     async def crash(self, ref: str, exit_code: int = 137) -> None:
         inst = self.get(ref)
+        if inst.freeze_on_crash:
+            inst._frozen |= inst._conns
+            inst._conns = set()
         await self._halt(inst, exit_code, stop_event=False)
 
     def rename(self, ref: str, new_name: str) -> None:
@@ -177,6 +184,9 @@ class MemoryBackend:
 
     async def close(self) -> None:
         for inst in self.instances.values():
+            for writer in inst._frozen:
+                writer.transport.abort()
+            inst._frozen.clear()
             if inst._come_up is not None:
                 inst._come_up.cancel()
             await _close_server(inst)
@@ -252,6 +262,9 @@ async def _listen(inst: MemoryInstance) -> asyncio.Server:
                         length = int(value.strip() or 0)
                 if length:
                     await reader.readexactly(length)
+                if head.startswith(b"GET /stream"):
+                    await _stream(inst, writer)
+                    return
                 writer.write(
                     b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\nx-instance: "
                     + inst.name.encode()
@@ -274,6 +287,20 @@ async def _listen(inst: MemoryInstance) -> asyncio.Server:
         server = await asyncio.start_server(answer, "127.0.0.1", 0)
     inst.port = server.sockets[0].getsockname()[1]
     return server
+
+
+async def _stream(inst: MemoryInstance, writer: asyncio.StreamWriter) -> None:
+    """`GET /stream`: a chunked line every 20 ms until the instance stops (or freezes)."""
+    writer.write(
+        b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ntransfer-encoding: chunked\r\n\r\n"
+    )
+    line = f"{inst.name}\n".encode()
+    while writer in inst._conns:
+        writer.write(b"%x\r\n%s\r\n" % (len(line), line))
+        await writer.drain()
+        await asyncio.sleep(0.02)
+    if writer in inst._frozen:
+        await asyncio.Event().wait()  # silent, open, for ever
 
 
 async def _close_server(inst: MemoryInstance) -> None:
