@@ -727,7 +727,13 @@ class Bench:
                 self.procs,
                 self.tmp,
                 "hestia-docker",
-                {"docker": {"enabled": True, "scope": SCOPE}, "logging": {"access": False}},
+                {
+                    "docker": {"enabled": True, "scope": SCOPE},
+                    "logging": {"access": False},
+                    # the burst's 1,000 connections come from one address: lift the
+                    # per-client cap (server.limits) it would otherwise hit at 256
+                    "server": {"limits": {"max_connections_per_client": 4096}},
+                },
             )
             if self.want("cold"):
                 self.cold()
