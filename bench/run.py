@@ -582,6 +582,8 @@ class Docker:
             "hestia.idle_timeout": "0",
             "hestia.startup_timeout": "60s",
             "hestia.health.type": health,
+            # the burst holds 1,000 requests for one start: above queue.max_waiting's default
+            "hestia.queue.max_waiting": "5000",
         }
         if max_concurrency is not None:
             labels["hestia.max_concurrency"] = str(max_concurrency)

@@ -59,6 +59,14 @@ class ServiceStatus(BaseModel):
     started_at: float | None
     backend_reachable: bool
     conflicts: list[Conflict]
+    idle_deadline_in_s: float | None
+    max_waiting: int
+    queue_timeout_s: float
+    refused: dict[str, int]
+    strategy: str
+    depends_on: list[str]
+    exclusive_group: str | None
+    warmth: dict[str, Any]
 
 
 class ServiceList(BaseModel):
@@ -122,7 +130,8 @@ def build_api(registry: Registry, metrics: Metrics, store: Store) -> FastAPI:
 
     @api.exception_handler(HestiaError)
     async def _hestia_error(_: Request, exc: HestiaError) -> JSONResponse:
-        return JSONResponse(exc.to_dict(), status_code=exc.status)
+        headers = {"Retry-After": str(exc.retry_after)} if exc.retry_after is not None else None
+        return JSONResponse(exc.to_dict(), status_code=exc.status, headers=headers)
 
     @api.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:

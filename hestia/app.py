@@ -24,9 +24,14 @@ from hestia.router import Router
 from hestia.store import EventRow, ServiceRow, Store, StoredService, error_json, wall
 from hestia.types import Receive, Scope, Send
 from hestia.upstream import UpstreamPool
+from hestia.warmth import Clock
 
 # How often every service's idle clock and counters are written to the store.
 SNAPSHOT_EVERY_S = 5.0
+# Services kept warm are checked at least this often (and at every schedule window's edge);
+# one whose start failed is tried again after WARM_RETRY_S.
+WARM_CHECK_S = 30.0
+WARM_RETRY_S = 60.0
 
 
 class Gateway:
@@ -34,7 +39,11 @@ class Gateway:
     taken as {backend.name: backend}; None or {} means plain urls only)."""
 
     def __init__(
-        self, config: HestiaConfig, backends: Backend | Mapping[str, Backend] | None = None
+        self,
+        config: HestiaConfig,
+        backends: Backend | Mapping[str, Backend] | None = None,
+        *,
+        clock: Clock | None = None,
     ) -> None:
         self.config = config
         if backends is None:
@@ -45,10 +54,12 @@ class Gateway:
         self.metrics = Metrics()
         self.store = Store(config.database_url())
         self.router = Router()
-        self.registry = Registry(config, self.backends, self._on_transition, self._on_new_service)
+        self.registry = Registry(
+            config, self.backends, self._on_transition, self._on_new_service, clock=clock
+        )
         self.metrics.bind_live(
             lambda: {
-                n: (s.in_flight, s.waiting, s.peak_waiting, s.state.value)
+                n: (s.in_flight, s.waiting, s.peak_waiting, s.state.value, s.refused)
                 for n, s in self.registry.services.items()
             }
         )
@@ -63,6 +74,7 @@ class Gateway:
         self.api = build_api(self.registry, self.metrics, self.store)
         self._restored: dict[str, StoredService] = {}
         self._snapshot_task: asyncio.Task[None] | None = None
+        self._warm_task: asyncio.Task[None] | None = None
         self._started = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -147,6 +159,8 @@ class Gateway:
         self.store.start()
         await self.registry.start()
         self._snapshot_task = asyncio.create_task(self._snapshot_loop(), name="hestia-snapshots")
+        self.warm_up()
+        self._warm_task = asyncio.create_task(self._warm_loop(), name="hestia-warmth")
         logger.info(
             "Hestia ready with {} service(s): {}; state in {}",
             len(self.registry.services),
@@ -154,13 +168,43 @@ class Gateway:
             self.store.display_url,
         )
 
+    # ---------------------------------------------------------------- hot standby
+    def warm_up(self) -> None:
+        """Start every service that is to be kept warm now (keep_warm, a warm_schedule window)
+        and is not running. A failed one is tried again after WARM_RETRY_S."""
+        now = time.time()
+        for svc in list(self.registry.services.values()):
+            if svc.backend is None or not svc.warmth.wanted or not svc.warmth.keep_running():
+                continue
+            if svc.state is State.STOPPED or (
+                svc.state is State.FAILED
+                and now - (svc.last_error or {}).get("at", 0.0) > WARM_RETRY_S
+            ):
+                svc.ensure_started("warm")
+
+    async def _warm_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._next_warm_check())
+            self.warm_up()
+
+    def _next_warm_check(self) -> float:
+        """Seconds to the next schedule window edge of any service, between 1 and 30."""
+        wait = WARM_CHECK_S
+        now = self.registry.clock()
+        for svc in self.registry.services.values():
+            schedule = svc.warmth.schedule
+            if schedule:
+                wait = min(wait, (schedule.next_change(now) - now).total_seconds())
+        return max(wait, 1.0)
+
     def begin_shutdown(self) -> None:
         """Answer every held request 503 now; containers are left as they are."""
         self.registry.begin_shutdown()
 
     async def shutdown(self) -> None:
-        if self._snapshot_task is not None:
-            self._snapshot_task.cancel()
+        for task in (self._snapshot_task, self._warm_task):
+            if task is not None:
+                task.cancel()
         await self.registry.close()
         self.snapshot_all()
         await self.store.close()  # flushes every queued event

@@ -62,10 +62,20 @@ LABELS: dict[str, str] = {
     "timeouts.connect": "how long connecting to the upstream may take",
     "timeouts.response_headers": "how long the upstream may take to start its answer",
     "timeouts.idle_body": "how long the upstream may pause in the middle of a body",
+    "queue.max_waiting": "how many requests may wait for a start or a slot (then 503)",
+    "queue.timeout": "how long a request may wait in line (then 504)",
+    "start.cancel_when_abandoned": "`true`: stop a start when every waiting client has left",
+    "strategy": "`auto`, `block` or `page`: what a browser gets while the service starts",
+    "keep_warm": "`true`: started with Hestia and never stopped for idleness",
+    "warm_schedule": "windows in which it is kept running, `;`-separated",
+    "depends_on": "services started first and kept up while this one runs, `,`-separated",
+    "exclusive_group": "at most one service of this group runs at a time",
+    "wake.ignore_paths": "path globs that never wake the service, `,`-separated",
+    "wake.ignore_user_agents": "a User-Agent regex that never wakes the service",
 }
 _IDENTITY_LABELS = frozenset({"enable", "service", "scope"})
 # service settings that are mappings, merged key by key across the layers
-_NESTED = ("health", "timeouts")
+_NESTED = ("health", "timeouts", "idle_auto", "queue", "start", "wake")
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
@@ -119,6 +129,78 @@ class UpstreamTimeoutsConfig(_Strict):
     idle_body: Duration | None = None
 
 
+def _split_list(value: Any) -> Any:
+    """A label's `a,b` (or a config list) -> a list."""
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+def _split_schedule(value: Any) -> Any:
+    """A label's `Mon-Fri 08:00-18:00; Sat 10:00-12:00` (or a config list) -> a list."""
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(";") if part.strip()]
+    return value
+
+
+def _check_regex(value: str) -> str:
+    try:
+        re.compile(value)
+    except re.error as exc:
+        raise ValueError(f"{value!r} is not a regular expression: {exc}") from None
+    return value
+
+
+def _check_window(value: str) -> str:
+    from hestia.schedule import parse_window
+
+    parse_window(value)  # raises ValueError with what is wrong
+    return value
+
+
+StrList = Annotated[list[str], BeforeValidator(_split_list)]
+
+
+class QueueConfig(_Strict):
+    """Requests held while the service starts or waits for a max_concurrency slot."""
+
+    max_waiting: int = Field(default=100, ge=0)  # over it: 503 queue_full with Retry-After
+    timeout: Duration | None = None  # how long one may wait; None: startup_timeout
+
+
+class StartConfig(_Strict):
+    # when every request waiting for a start has gone (the clients left), stop the start
+    cancel_when_abandoned: bool = False
+
+
+class WakeConfig(_Strict):
+    """Requests that must not wake a stopped service (bots, uptime checks, favicons): they
+    get 503 at once; to a running service they pass (and, unless `touch`, do not count as
+    activity for the idle timer)."""
+
+    ignore_paths: StrList = []  # globs on the path after the service prefix: /favicon.ico
+    ignore_user_agents: Annotated[
+        list[Annotated[str, AfterValidator(_check_regex)]], BeforeValidator(_split_list)
+    ] = []  # regexes, searched in the User-Agent
+    touch: bool = False
+
+
+class IdleAutoConfig(_Strict):
+    """`idle_timeout: auto`: the timeout follows the service's recent use (see README)."""
+
+    min: Duration = 600.0
+    max: Duration = 7200.0
+
+
+def _idle_timeout(value: Any) -> Any:
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    return parse_duration(value)
+
+
+IdleTimeout = Annotated[float | Literal["auto"], BeforeValidator(_idle_timeout)]
+
+
 def _check_url(value: str | None) -> str | None:
     if value is None:
         return None
@@ -161,7 +243,9 @@ class ServiceConfig(_Strict):
     container: str | None = None
     url: Url = None
     port: int | None = Field(default=None, ge=1, le=65535)
-    idle_timeout: Duration = 600.0
+    # seconds without requests before an idle stop (0: never), or "auto" (follows use)
+    idle_timeout: IdleTimeout = 600.0
+    idle_auto: IdleAutoConfig = IdleAutoConfig()
     startup_timeout: Duration = 120.0
     # How long a stop waits before the backend kills the instance (Docker's `stop -t`).
     stop_timeout: Duration = 10.0
@@ -173,6 +257,19 @@ class ServiceConfig(_Strict):
     # (for debugging a container that never becomes ready).
     on_start_failure: Literal["stop", "leave"] = "stop"
     timeouts: UpstreamTimeoutsConfig = UpstreamTimeoutsConfig()
+    queue: QueueConfig = QueueConfig()
+    start: StartConfig = StartConfig()
+    # how a not-ready service answers a browser: auto (a waiting page for a browser's page
+    # load, held for everyone else), block (always held), page (always the waiting page)
+    strategy: Literal["auto", "block", "page"] = "auto"
+    keep_warm: bool = False  # started with Hestia and never stopped for idleness
+    # windows in which it is started ahead of use and not stopped: "Mon-Fri 08:00-18:00"
+    warm_schedule: Annotated[
+        list[Annotated[str, AfterValidator(_check_window)]], BeforeValidator(_split_schedule)
+    ] = []
+    depends_on: StrList = []  # started first (and kept up while this one runs)
+    exclusive_group: str | None = None  # at most one service of the group runs at a time
+    wake: WakeConfig = WakeConfig()
     # Where the settings came from: the config file, labels, or both (config wins key by key).
     source: Source = "config"
 
@@ -313,13 +410,18 @@ class _Settings(_Strict):
     """Keys a service may set, in `services.<name>` or (all but the instance's identity) in
     `defaults:`."""
 
-    idle_timeout: Duration | None = None
+    idle_timeout: IdleTimeout | None = None
     startup_timeout: Duration | None = None
     stop_timeout: Duration | None = None
     max_concurrency: int | None = None
     on_start_failure: Literal["stop", "leave"] | None = None
     health: dict[str, Any] | None = None
     timeouts: dict[str, Any] | None = None
+    idle_auto: dict[str, Any] | None = None
+    queue: dict[str, Any] | None = None
+    start: dict[str, Any] | None = None
+    strategy: Literal["auto", "block", "page"] | None = None
+    wake: dict[str, Any] | None = None
 
 
 class _ServiceEntry(_Settings):
@@ -327,10 +429,28 @@ class _ServiceEntry(_Settings):
     container: str | None = None
     url: str | None = None
     port: int | None = Field(default=None, ge=1, le=65535)
+    keep_warm: bool | None = None
+    warm_schedule: list[str] | str | None = None
+    depends_on: list[str] | str | None = None
+    exclusive_group: str | None = None
+
+
+class ScheduleConfig(_Strict):
+    # the time zone of warm_schedule windows (IANA name); None: the machine's local time
+    timezone: str | None = None
+
+    @model_validator(mode="after")
+    def _known_zone(self) -> ScheduleConfig:
+        if self.timezone is not None:
+            from hestia.schedule import zone
+
+            zone(self.timezone)  # raises ValueError naming the zone
+        return self
 
 
 class HestiaConfig(_Strict):
     server: ServerConfig = ServerConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
     docker: DockerConfig = DockerConfig()
     logging: LoggingConfig = LoggingConfig()
     database: DatabaseConfig = DatabaseConfig()
@@ -541,4 +661,13 @@ def parse_config(raw: Any, source: str = "<config>") -> HestiaConfig:
                 "container Hestia starts on demand) or `url` (an always-on upstream), or both"
             )
         cfg.resolve(name)  # validates merged values (health keys, durations) up front
+    from hestia.groups import find_cycle
+
+    graph = {name: list(cfg.resolve(name).depends_on) for name in cfg.services}
+    cycle = find_cycle(graph)
+    if cycle:
+        raise ConfigError(
+            f"invalid config in {source}: services.{cycle[0]}.depends_on: the dependencies "
+            f"form a cycle ({' -> '.join(cycle)})"
+        )
     return cfg

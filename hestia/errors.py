@@ -10,7 +10,10 @@ HestiaError
  |    +-- ServiceRemoved      503  service_removed   (its container/config entry went away)
  |    +-- BackendUnreachable  503  backend_unreachable (the engine that runs it is unreachable)
  +-- StartCancelled           409  start_cancelled   (a stop cancelled the start being waited on)
- +-- ServiceBusy              503  service_busy      (every max_concurrency slot taken too long)
+ +-- QueueFull                503  queue_full        (queue.max_waiting reached; Retry-After)
+ +-- QueueTimeout             504  queue_timeout     (no max_concurrency slot within queue.timeout)
+ +-- NotWoken                 503  not_woken         (a request the wake filter ignores)
+ +-- ClientGone               499  client_gone       (the client left while waiting)
  +-- UpstreamUnreachable      502  upstream_unreachable (refused, reset, bad response)
  +-- UpstreamBadAnswer        502  upstream_bad_response (malformed, odd status, head too big)
  +-- UpstreamTimeout          504  upstream_timeout  (connect / response head / body too slow)
@@ -39,15 +42,22 @@ class HestiaError(Exception):
         *,
         service: str | None = None,
         detail: dict[str, Any] | None = None,
+        retry_after: int | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
         self.service = service
         self.detail = detail or {}
+        self.retry_after = retry_after  # seconds, sent as Retry-After
 
     def fresh(self) -> HestiaError:
         """A new exception of the same kind and content, to raise in one more place."""
-        return type(self)(self.message, service=self.service, detail=dict(self.detail))
+        return type(self)(
+            self.message,
+            service=self.service,
+            detail=dict(self.detail),
+            retry_after=self.retry_after,
+        )
 
     def to_dict(self) -> dict[str, Any]:
         body: dict[str, Any] = {"code": self.code, "message": self.message}
@@ -103,9 +113,24 @@ class StartCancelled(HestiaError):
     code = "start_cancelled"
 
 
-class ServiceBusy(HestiaError):
+class QueueFull(HestiaError):
     status = 503
-    code = "service_busy"
+    code = "queue_full"
+
+
+class QueueTimeout(HestiaError):
+    status = 504
+    code = "queue_timeout"
+
+
+class NotWoken(HestiaError):
+    status = 503
+    code = "not_woken"
+
+
+class ClientGone(HestiaError):
+    status = 499  # nginx's word for "client closed the request"; never sent, only logged
+    code = "client_gone"
 
 
 class UpstreamUnreachable(HestiaError):
@@ -145,17 +170,14 @@ async def send_error(
     `asgi_prefix="websocket.http"` answers a refused WebSocket handshake the same way.
     """
     body = err.to_json_bytes()
-    await send(
-        {
-            "type": f"{asgi_prefix}.response.start",
-            "status": err.status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                *(extra_headers or ()),
-            ],
-        }
-    )
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        *(extra_headers or ()),
+    ]
+    if err.retry_after is not None:
+        headers.append((b"retry-after", str(err.retry_after).encode()))
+    await send({"type": f"{asgi_prefix}.response.start", "status": err.status, "headers": headers})
     await send({"type": f"{asgi_prefix}.response.body", "body": body})
 
 

@@ -22,6 +22,7 @@ import contextlib
 import os
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime, tzinfo
 from enum import StrEnum
 from typing import Any, cast
 
@@ -34,7 +35,8 @@ from hestia.config import ServiceConfig
 from hestia.errors import (
     BackendUnreachable,
     HestiaError,
-    ServiceBusy,
+    QueueFull,
+    QueueTimeout,
     ServiceRemoved,
     ServiceStartFailed,
     ServiceStartTimeout,
@@ -42,12 +44,16 @@ from hestia.errors import (
 )
 from hestia.limiter import Limiter
 from hestia.upstream import UpstreamTimeouts
+from hestia.wake import WakeFilter
+from hestia.warmth import Clock, Warmth
 
 # How often a start re-inspects the instance even without an event (a safety net for a
 # missed event; readiness itself is noticed through events and the fast probe interval).
 _INSPECT_EVERY_S = 1.0
 _VERDICT_MARGIN_S = 0.25
 _LOST = object()
+# how often a service kept warm (or needed by a dependent) looks again at whether it still is
+_WARM_RECHECK_S = 30.0
 # how long a refused request waits to learn whether the instance died under it
 _DEATH_NOTICE_S = 0.5  # a start found its instance gone: look for the next one
 # An API stop lets the requests in flight finish for at most this long first.
@@ -85,6 +91,18 @@ def _upstream_timeouts(config: ServiceConfig) -> UpstreamTimeouts:
     return UpstreamTimeouts(t.connect, t.response_headers or None, t.idle_body or None)
 
 
+class Coordinator:
+    """What a service's start and idle stop must ask of the other services (dependencies,
+    exclusive groups); the registry provides it. The default knows no other service."""
+
+    async def before_start(self, svc: Service) -> None:
+        """Start what `svc` depends on and make room in its exclusive group."""
+
+    def needed(self, svc: Service) -> bool:
+        """True while another running service depends on `svc` (no idle stop then)."""
+        return False
+
+
 # (service, from_state, to_state, cause, reason, seconds spent in from_state)
 StateListener = Callable[["Service", State, State, str, str, float], None]
 
@@ -99,8 +117,16 @@ class Service:
         on_transition: StateListener | None = None,
         *,
         recreate_grace: float = 0.0,
+        coordinator: Coordinator | None = None,
+        tz: tzinfo | None = None,
+        clock: Clock = lambda: datetime.now(UTC),
     ) -> None:
         self.config = config
+        self.coordinator = coordinator
+        self._tz = tz
+        self._clock = clock
+        self.warmth = Warmth(config, tz, clock)
+        self.wake = WakeFilter.build(config.wake)
         # after an outside stop of an instance that has a lineage (a compose service's), a
         # start waits this long for a replacement: `docker compose up -d` stops the old
         # container before it creates the new one, and must not find the old one started
@@ -122,6 +148,7 @@ class Service:
         self._limiter = Limiter(config.max_concurrency)
         self.timeouts = _upstream_timeouts(config)
         self.peak_waiting = 0
+        self.refused: dict[str, int] = {}  # requests turned away, by error code
         self._state_since = time.monotonic()
         self._restored_state: str | None = None
         self._restored_activity = False
@@ -156,6 +183,8 @@ class Service:
             await self._take_slot()
         upstream = self.upstream
         if upstream is not None and self.state is State.READY:
+            if self.warmth.auto and not self.in_flight:
+                self.warmth.note_gap(time.monotonic() - self.last_activity)
             self.in_flight += 1
             return upstream
         try:
@@ -164,21 +193,59 @@ class Service:
             lim.release()
             raise
 
-    def release(self) -> None:
+    def release(self, touch: bool = True) -> None:
+        """The request ended. `touch=False`: it does not count as activity (a request the
+        wake filter ignores, e.g. an uptime checker's)."""
         self.in_flight -= 1
-        self.last_activity = time.monotonic()
+        if touch:
+            self.last_activity = time.monotonic()
         self._limiter.release()
 
+    @property
+    def must_wait(self) -> bool:
+        """A request now would wait (for a start, a stop, or a max_concurrency slot)."""
+        if self.state is not State.READY or self.upstream is None:
+            return True
+        lim = self._limiter
+        return lim.capacity is not None and (lim.in_use >= lim.capacity or bool(lim._waiters))
+
+    def note_refusal(self, code: str) -> None:
+        self._count(code)
+
+    @property
+    def queue_timeout(self) -> float:
+        return self.config.queue.timeout or self.config.startup_timeout
+
+    def _check_room(self) -> None:
+        limit = self.config.queue.max_waiting
+        if self.waiting + self.queued >= limit:
+            self._count("queue_full")
+            raise QueueFull(
+                f"service {self.name!r} already has {limit} request(s) waiting "
+                f"(queue.max_waiting); retry in a moment",
+                service=self.name,
+                retry_after=self._retry_after(),
+            )
+
+    def _retry_after(self) -> int:
+        """Seconds a refused client should wait: about one start."""
+        return max(1, min(60, round(self.config.startup_timeout / 4)))
+
+    def _count(self, code: str) -> None:
+        self.refused[code] = self.refused.get(code, 0) + 1
+
     async def _take_slot(self) -> None:
-        """With max_concurrency: wait (FIFO, at most startup_timeout) for a free slot."""
-        timeout = self.config.startup_timeout
+        """With max_concurrency: wait (FIFO, at most queue.timeout) for a free slot."""
+        self._check_room()
+        timeout = self.queue_timeout
         try:
             await self._limiter.acquire(timeout)
         except TimeoutError:
-            raise ServiceBusy(
+            self._count("queue_timeout")
+            raise QueueTimeout(
                 f"service {self.name!r} had all {self.config.max_concurrency} of its "
-                f"max_concurrency slots busy for {timeout:g}s; retry later or raise "
-                "max_concurrency",
+                f"max_concurrency slots busy for {timeout:g}s (queue.timeout); retry later "
+                "or raise max_concurrency",
                 service=self.name,
             ) from None
 
@@ -195,9 +262,11 @@ class Service:
             raise closing.result().fresh()
         if self._reachable_error is not None:
             raise self._unreachable()
-        # a little over startup_timeout: the start itself gives up at startup_timeout, and its
-        # verdict (what it saw, what it stopped) is the better answer
-        deadline = loop.time() + self.config.startup_timeout + _VERDICT_MARGIN_S
+        self._check_room()
+        # a little over the timeout when it is the start's: the start itself gives up at
+        # startup_timeout, and its verdict (what it saw, what it stopped) is the better answer
+        deadline = loop.time() + self.queue_timeout + _VERDICT_MARGIN_S
+        abandoned = False
         self.waiting += 1
         if self.waiting > self.peak_waiting:
             self.peak_waiting = self.waiting
@@ -218,10 +287,10 @@ class Service:
                 if closing in done:
                     raise closing.result().fresh()
                 if not done:
+                    self._count("start_timeout")
                     raise ServiceStartTimeout(
-                        f"service {self.name!r} was not ready within its startup_timeout "
-                        f"of {self.config.startup_timeout:g}s; check its logs or raise "
-                        "startup_timeout",
+                        f"service {self.name!r} was not ready within {self.queue_timeout:g}s "
+                        "(its startup_timeout, or queue.timeout); check its logs or raise it",
                         service=self.name,
                         detail={"state": self.state.value},
                     )
@@ -237,10 +306,25 @@ class Service:
                     raise result.fresh()
                 if self._reachable_error is not None:
                     raise self._unreachable()
+        except asyncio.CancelledError:
+            abandoned = True  # the client went away while waiting
+            raise
         finally:
             self.waiting -= 1
+            if abandoned and not self.waiting:
+                self._abandoned()
         self.in_flight += 1
         return self.upstream
+
+    def _abandoned(self) -> None:
+        """Every client waiting for this start has gone."""
+        if self.config.start.cancel_when_abandoned and self.state is State.STARTING:
+            logger.info(
+                "service {}: every request waiting for its start has gone; stopping the start "
+                "(start.cancel_when_abandoned)",
+                self.name,
+            )
+            self.request_stop("abandoned")
 
     def _closing_future(self) -> asyncio.Future[HestiaError]:
         if self._closing is None:
@@ -312,6 +396,8 @@ class Service:
         info: InstanceInfo | None = None
         try:
             async with asyncio.timeout_at(deadline):
+                if self.coordinator is not None and (spec.depends_on or spec.exclusive_group):
+                    await self.coordinator.before_start(self)
                 info = await backend.inspect(ref, spec)
                 if not info.running:
                     await backend.start(ref, spec)
@@ -519,11 +605,16 @@ class Service:
         self._transition(State.STOPPED, cause, f"instance {why}")
 
     # ---------------------------------------------------------------- idle
+    @property
+    def idle_timeout(self) -> float:
+        """The idle timeout in force now (`idle_timeout: auto` follows recent use)."""
+        return self.warmth.idle_timeout()
+
     def _idle_remaining(self) -> float:
-        return self.last_activity + self.config.idle_timeout - time.monotonic()
+        return self.last_activity + self.idle_timeout - time.monotonic()
 
     def _schedule_idle(self, delay: float) -> None:
-        if self.backend is None or self.config.idle_timeout <= 0:
+        if self.backend is None or (self.idle_timeout <= 0 and not self.warmth.auto):
             return
         self._cancel_idle()
         self._idle_handle = asyncio.get_running_loop().call_later(delay, self._idle_check)
@@ -542,17 +633,23 @@ class Service:
         self._idle_handle = None
         if self.state is not State.READY:
             return
+        timeout = self.idle_timeout
         if self.in_flight or self.waiting or self.queued:
-            self._schedule_idle(self.config.idle_timeout)
+            self._schedule_idle(timeout)
             return
         remaining = self._idle_remaining()
         if remaining > 0.001:
             self._schedule_idle(remaining)
             return
+        # kept warm (keep_warm, a schedule window) or needed by a running dependent: look
+        # again later (a schedule's end or a dependent's stop lets the timer act then)
+        if self.warmth.keep_running() or (
+            self.coordinator is not None and self.coordinator.needed(self)
+        ):
+            self._schedule_idle(min(max(timeout, 1.0), _WARM_RECHECK_S))
+            return
         logger.info(
-            "service {} idle for {:g}s with nothing in flight: stopping it",
-            self.name,
-            self.config.idle_timeout,
+            "service {} idle for {:g}s with nothing in flight: stopping it", self.name, timeout
         )
         self.request_stop("idle")
 
@@ -568,6 +665,10 @@ class Service:
         self.backend = backend if config.managed else None
         self._limiter.resize(config.max_concurrency)
         self.timeouts = _upstream_timeouts(config)
+        warmth = Warmth(config, self._tz, self._clock)
+        warmth.adopt_history(self.warmth)
+        self.warmth = warmth
+        self.wake = WakeFilter.build(config.wake)
         if config.instance != old.instance and self.instance_id is None:
             self.instance_name = config.instance
         if config.url != old.url:
@@ -588,7 +689,11 @@ class Service:
         elif self.backend is not None and not was_managed:  # now managed: see what it does
             self.upstream = None
             self._transition(State.STOPPED, "config", "now managed by " + self.backend.name)
-        if self.state is State.READY and config.idle_timeout != old.idle_timeout:
+        if self.state is State.READY and (
+            config.idle_timeout != old.idle_timeout
+            or config.keep_warm != old.keep_warm
+            or config.warm_schedule != old.warm_schedule
+        ):
             self._cancel_idle()
             self._schedule_idle(max(self._idle_remaining(), 0.0))
         logger.info("service {} reconfigured (source: {})", self.name, config.source)
@@ -806,7 +911,12 @@ class Service:
             "container": self.instance_name,
             "upstream": upstream.display if upstream else None,
             "last_activity": time.time() - idle_for,
-            "idle_timeout_s": self.config.idle_timeout,
+            "idle_timeout_s": self.idle_timeout,
+            "idle_deadline_in_s": (
+                max(0.0, self._idle_remaining())
+                if self.state is State.READY and self.idle_timeout > 0
+                else None
+            ),
             "startup_timeout_s": self.config.startup_timeout,
             "stop_timeout_s": self.config.stop_timeout,
             "in_flight": self.in_flight,
@@ -821,4 +931,11 @@ class Service:
             "conflicts": [
                 {"instance": name, "reason": why} for name, why in sorted(self.conflicts.items())
             ],
+            "max_waiting": self.config.queue.max_waiting,
+            "queue_timeout_s": self.queue_timeout,
+            "refused": dict(self.refused),
+            "strategy": self.config.strategy,
+            "depends_on": list(self.config.depends_on),
+            "exclusive_group": self.config.exclusive_group,
+            "warmth": self.warmth.status(),
         }

@@ -17,6 +17,9 @@ _CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
 # become a metrics series of their own.
 UNKNOWN_SERVICE = "<unknown>"
 
+# in flight, waiting, peak waiting, state, refusals by reason
+Live = tuple[int, int, int, str, dict[str, int]]
+
 
 def _percentile(values: list[float], q: float) -> float | None:
     if not values:
@@ -73,7 +76,7 @@ class Metrics:
     def __init__(self) -> None:
         self.started = time.monotonic()
         self.services: dict[str, ServiceMetrics] = {}
-        self._live: Callable[[], dict[str, tuple[int, int, int, str]]] = dict
+        self._live: Callable[[], dict[str, Live]] = dict
 
     def service(self, name: str) -> ServiceMetrics:
         m = self.services.get(name)
@@ -81,8 +84,9 @@ class Metrics:
             m = self.services[name] = ServiceMetrics()
         return m
 
-    def bind_live(self, live: Callable[[], dict[str, tuple[int, int, int, str]]]) -> None:
-        """`live()` -> {service: (in_flight, waiting, peak_waiting, state)}, read at scrape time."""
+    def bind_live(self, live: Callable[[], dict[str, Live]]) -> None:
+        """`live()` -> {service: (in_flight, waiting, peak_waiting, state, refused by reason)},
+        read at scrape time."""
         self._live = live
 
     def on_transition(self, name: str, old: str, new: str, duration_s: float | None) -> None:
@@ -105,7 +109,9 @@ class Metrics:
         totals = {"requests": 0, "errors": 0, "bytes_in": 0, "bytes_out": 0, "cold_starts": 0}
         for name in sorted(set(self.services) | set(live)):
             m = self.service(name)
-            in_flight, waiting, peak_waiting, state = live.get(name, (0, 0, 0, "unknown"))
+            in_flight, waiting, peak_waiting, state, refused = live.get(
+                name, (0, 0, 0, "unknown", {})
+            )
             durations = list(m.start_durations)
             requests = dict(zip(_CLASSES, m.requests, strict=True))
             services[name] = {
@@ -131,6 +137,9 @@ class Metrics:
                 "waiting": waiting,
                 "peak_waiting": max(peak_waiting, waiting),
                 "in_flight": in_flight,
+                # requests turned away without reaching the service, by reason: queue_full,
+                # queue_timeout, start_timeout, client_gone, not_woken
+                "refused": dict(refused),
                 "uptime_share": min(1.0, m.ready_seconds(now) / uptime),
             }
             totals["requests"] += sum(m.requests)
@@ -178,7 +187,14 @@ class PrometheusCollector(Collector):
         wait = SummaryMetricFamily(
             "hestia_wait_seconds", "Time requests spent waiting for a start", labels=svc
         )
+        refused = CounterMetricFamily(
+            "hestia_refused",
+            "Requests turned away before reaching the service, by reason",
+            labels=["service", "reason"],
+        )
         for name, s in snap["services"].items():
+            for reason, count in s["refused"].items():
+                refused.add_metric([name, reason], count)
             for cls, count in s["requests"].items():
                 requests.add_metric([name, cls], count)
             for key, counter in counters.items():
@@ -192,5 +208,5 @@ class PrometheusCollector(Collector):
         yield requests
         yield from counters.values()
         yield from gauges.values()
-        yield from (ready, start, wait)
+        yield from (ready, start, wait, refused)
         yield GaugeMetricFamily("hestia_uptime_seconds", "Seconds since start", snap["uptime_s"])

@@ -20,9 +20,12 @@ from typing import Any
 
 from loguru import logger
 
+from hestia import waiting
 from hestia.address import Upstream
 from hestia.errors import (
+    ClientGone,
     HestiaError,
+    NotWoken,
     ServiceNotFound,
     UpstreamBadAnswer,
     UpstreamTimeout,
@@ -120,14 +123,29 @@ class Proxy:
         waited = 0.0
         cold = False
         retried = False
+        touch = True
         try:
             if not name:
                 raise ServiceNotFound("no service name in the path: use /services/NAME/...")
             service = self._lookup(name)
             metrics_name = name
-            if service.state is not State.READY:
-                cold = True
-                upstream = await service.acquire()
+            wake = service.wake
+            if wake is not None and wake.ignores(route.path, scope):
+                touch = wake.touch
+                if service.state is not State.READY:
+                    service.note_refusal("not_woken")
+                    raise NotWoken(
+                        f"service {name!r} is {service.state.value} and this request does not "
+                        "wake it (wake.ignore_paths / wake.ignore_user_agents)",
+                        service=name,
+                        retry_after=60,
+                    )
+            if service.must_wait:
+                cold = service.state is not State.READY
+                if await self._answered_while_not_ready(scope, send, service, ex):
+                    self._finish(scope, name, ex, t0, waited, cold, None)
+                    return
+                upstream = await self._acquire_watching(scope, service)
                 waited = time.perf_counter() - t0
                 self._metrics.service(name).record_wait(waited)
             else:
@@ -156,9 +174,52 @@ class Proxy:
                 held = True
         finally:
             if held:
-                service.release()
+                service.release(touch)
             self._metrics.service(name).record(ex.status, ex.bytes_in, ex.bytes_out)
             self._finish(scope, name, ex, t0, waited, cold, ex.error)
+
+    async def _answered_while_not_ready(
+        self, scope: Scope, send: Send, service: Service, ex: _Exchange
+    ) -> bool:
+        """The waiting page's state probe, and the waiting page itself, are answered here
+        (True); everything else is held (False)."""
+        if waiting.is_probe(scope):
+            body = waiting.probe_answer(service.status())
+            ex.status = 200
+            await _answer(send, 200, b"application/json", body, ex, [(b"x-hestia-wait", b"1")])
+            return True
+        if service.state is not State.READY and waiting.wants_page(scope, service.config.strategy):
+            service.ensure_started("request")
+            body = waiting.page(service.name, service.state.value)
+            ex.status = 503
+            extra = [(b"retry-after", str(waiting.RETRY_AFTER_S).encode())]
+            await _answer(send, 503, b"text/html; charset=utf-8", body, ex, extra)
+            return True
+        return False
+
+    async def _acquire_watching(self, scope: Scope, service: Service) -> Upstream:
+        """acquire() for a request that may wait: a client that goes away meanwhile leaves
+        the line at once (and, if it was the last one waiting, may cancel the start)."""
+        gone_factory = scope.get("extensions", {}).get("hestia.gone")
+        if gone_factory is None:
+            return await service.acquire()
+        gone: asyncio.Future[None] = gone_factory()
+        acquiring = asyncio.ensure_future(service.acquire())
+        await asyncio.wait((acquiring, gone), return_when=asyncio.FIRST_COMPLETED)
+        if acquiring.done():
+            return acquiring.result()
+        acquiring.cancel()
+        try:
+            upstream = await acquiring
+        except (asyncio.CancelledError, HestiaError):
+            pass
+        else:
+            service.release(False)  # handed a slot as the client left: give it back
+            del upstream
+        service.note_refusal("client_gone")
+        raise ClientGone(
+            f"the client left while waiting for service {service.name!r}", service=service.name
+        )
 
     async def _refuse(
         self,
@@ -176,7 +237,8 @@ class Proxy:
         m.record(err.status, 0, 0)
         if err.service is not None and metrics_name != UNKNOWN_SERVICE:
             m.errors += 1  # a known service failed to start, timed out, was busy: count it
-        await send_error(send, err, [(b"x-request-id", ex.request_id)])
+        if not isinstance(err, ClientGone):  # nobody is there to answer
+            await send_error(send, err, [(b"x-request-id", ex.request_id)])
         self._finish(scope, metrics_name, ex, t0, waited, cold, err.message)
 
     def _finish(
@@ -337,6 +399,25 @@ class Proxy:
         finally:
             watch.stop()
         return None
+
+
+async def _answer(
+    send: Send,
+    status: int,
+    ctype: bytes,
+    body: bytes,
+    ex: _Exchange,
+    extra: list[tuple[bytes, bytes]],
+) -> None:
+    headers = [
+        (b"content-type", ctype),
+        (b"content-length", str(len(body)).encode()),
+        (b"cache-control", b"no-store"),
+        (b"x-request-id", ex.request_id),
+        *extra,
+    ]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 _RETRY = object()

@@ -25,6 +25,7 @@ import contextlib
 import re
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 from loguru import logger
 
@@ -37,7 +38,10 @@ from hestia.config import (
     valid_service_name,
 )
 from hestia.errors import ConfigError, HestiaError, ServiceNotFound
+from hestia.groups import Groups
 from hestia.lifecycle import Service, StateListener
+from hestia.schedule import zone
+from hestia.warmth import Clock
 
 # compose renames the container it replaces to "<12 hex of its id>_<name>"
 _RECREATE_NAME = re.compile(r"^[0-9a-f]{12}_")
@@ -59,12 +63,16 @@ class Registry:
         backends: Mapping[str, Backend],
         on_transition: StateListener | None = None,
         on_new_service: Callable[[Service], None] | None = None,
+        clock: Clock | None = None,
     ) -> None:
         self.config = config
+        self.clock: Clock = clock or (lambda: datetime.now(UTC))
+        self._tz = zone(config.schedule.timezone)
         self.backends = dict(backends)
         self._on_transition = on_transition
         self._on_new_service = on_new_service
         self.services: dict[str, Service] = {}
+        self.groups = Groups(self.services)
         self._known: dict[str, dict[str, InstanceInfo]] = {name: {} for name in self.backends}
         self._removals: dict[str, asyncio.TimerHandle] = {}
         self._warned: set[str] = set()
@@ -235,6 +243,26 @@ class Registry:
             best = held
         want.info = best
 
+    def _compose_depends_on(self, backend: str | None, info: InstanceInfo) -> list[str]:
+        """Compose's own `depends_on` (the label Compose v2 writes:
+        `db:service_started:false,cache:service_healthy:true`), as Hestia service names of
+        the same project's labelled containers."""
+        raw = info.labels.get("com.docker.compose.depends_on", "")
+        project = info.labels.get("com.docker.compose.project")
+        if not raw or not project or backend is None:
+            return []
+        wanted = {part.split(":", 1)[0].strip() for part in raw.split(",") if part.strip()}
+        names = []
+        for other in self._known.get(backend, {}).values():
+            labels = other.labels
+            if (
+                labels.get("com.docker.compose.project") == project
+                and labels.get("com.docker.compose.service") in wanted
+                and label_enabled(labels, self.config.docker.scope)
+            ):
+                names.append(service_name_from_labels(labels, other.name))
+        return sorted(set(names))
+
     def _conflict(self, want: _Desired, info: InstanceInfo, why: str) -> None:
         want.conflicts[info.name] = why
         self._warn_once(f"conflict:{info.id}:{why}", f"instance {info.name} {why}")
@@ -261,11 +289,23 @@ class Registry:
             except ConfigError as exc:
                 self._warn_once(f"labels:{info.id if info else name}:{exc.message}", exc.message)
                 continue
+            if info is not None and not spec.depends_on:
+                compose_deps = self._compose_depends_on(want.backend, info)
+                if compose_deps:
+                    spec = spec.model_copy(update={"depends_on": compose_deps})
             svc = self.services.get(name)
             if name in self._removals:
                 self._removals.pop(name).cancel()
             if svc is None:
-                svc = Service(spec, backend, self._on_transition, recreate_grace=self._grace)
+                svc = Service(
+                    spec,
+                    backend,
+                    self._on_transition,
+                    recreate_grace=self._grace,
+                    coordinator=self.groups,
+                    tz=self._tz,
+                    clock=self.clock,
+                )
                 self.services[name] = svc
                 if self._on_new_service is not None:
                     self._on_new_service(svc)

@@ -209,7 +209,26 @@ class _CoalescingTransport:
 
 class _Cycle(RequestResponseCycle):
     """uvicorn's request/response cycle with Date sent only when the app sent none, and the
-    `hestia.abort` extension."""
+    `hestia.abort` and `hestia.gone` extensions."""
+
+    _gone: asyncio.Future[None] | None = None
+
+    def gone(self) -> asyncio.Future[None]:
+        """`scope["extensions"]["hestia.gone"]()`: a future done when the client goes away.
+
+        For a request waiting (for a start, a slot) before anything is read or sent: it can
+        watch for its client leaving without taking its body from `receive()`. Made on first
+        use only, so a request that never waits pays nothing."""
+        if self._gone is None:
+            self._gone = asyncio.get_running_loop().create_future()
+            if self.disconnected:
+                self._gone.set_result(None)
+        return self._gone
+
+    def client_left(self) -> None:
+        gone = self._gone
+        if gone is not None and not gone.done():
+            gone.set_result(None)
 
     def abort(self) -> None:
         """`scope["extensions"]["hestia.abort"]()`: cut the client's connection now.
@@ -363,6 +382,9 @@ class _HttpProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
+        cycle = self.cycle
+        if isinstance(cycle, _Cycle):
+            cycle.client_left()
         self._phase = _DONE
         slot = self._slot
         if slot is not None:
@@ -512,7 +534,8 @@ class _HttpProtocol(HttpToolsProtocol):
             on_response=self.on_response_complete,
         )
         # scope -> abort -> cycle -> scope is a reference cycle: _Cycle breaks it at the end
-        self.scope["extensions"] = {"hestia.abort": cycle.abort}  # type: ignore[dict-item]
+        extensions: Any = {"hestia.abort": cycle.abort, "hestia.gone": cycle.gone}
+        self.scope["extensions"] = extensions
         if existing_cycle is None or existing_cycle.response_complete:
             self._start_asgi_task(cycle, self.app)
         else:

@@ -13,7 +13,7 @@ import pytest
 from hestia.backends.memory import MemoryBackend, MemoryInstance
 from hestia.config import parse_config
 from hestia.errors import (
-    ServiceBusy,
+    QueueTimeout,
     ServiceStartFailed,
     ServiceStartTimeout,
     ShuttingDown,
@@ -208,7 +208,7 @@ async def test_plain_url_service_is_always_ready() -> None:
     assert svc.status()["backend"] == "url"
 
 
-async def test_max_concurrency_queues_then_503_when_slots_stay_busy(
+async def test_max_concurrency_queues_then_504_when_slots_stay_busy(
     backend: MemoryBackend, box: MemoryInstance
 ) -> None:
     svc = _service(backend, max_concurrency=2, startup_timeout="0.5s")
@@ -220,9 +220,9 @@ async def test_max_concurrency_queues_then_503_when_slots_stay_busy(
     svc.release()  # a slot frees up: the queued request gets it
     await asyncio.wait_for(third, 2)
     assert svc.in_flight == 2 and svc.queued == 0
-    with pytest.raises(ServiceBusy) as exc:
-        await svc.acquire()  # nothing frees up within startup_timeout
-    assert exc.value.status == 503 and exc.value.code == "service_busy"
+    with pytest.raises(QueueTimeout) as exc:
+        await svc.acquire()  # nothing frees up within queue.timeout (startup_timeout)
+    assert exc.value.status == 504 and exc.value.code == "queue_timeout"
     assert svc.queued == 0
     svc.release()
     svc.release()

@@ -73,7 +73,9 @@ async def test_many_concurrent_requests_one_start(
     # connects overflow it and some wait out SYN retransmits for a minute (measured without
     # Hestia too). max_concurrency is the knob that protects such an upstream.
     c = containers.create(
-        "burst", labels=_labels(scope, "burst", max_concurrency="8"), env={"DELAY": "1"}
+        "burst",
+        labels=_labels(scope, "burst", max_concurrency="8", queue__max_waiting="500"),
+        env={"DELAY": "1"},
     )
     gw = await gateway_factory(_cfg(scope), docker_backend)
     starts = 0
