@@ -52,6 +52,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import socket
+import weakref
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Literal, cast
@@ -243,6 +244,57 @@ def _new_parser(protocol: object) -> Any:
     return parser
 
 
+class _Deadlines:
+    """Response-head deadlines of one event loop, checked by one sweep every few hundred
+    milliseconds instead of a timer per request: a timer armed and cancelled for every
+    request cost more than the rest of the exchange's bookkeeping (a deadline fires at most
+    a sweep interval late: a quarter of the shortest limit, at most 0.5 s)."""
+
+    __slots__ = ("conns", "handle", "interval", "loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.conns: set[UpstreamConnection] = set()
+        self.handle: asyncio.TimerHandle | None = None
+        self.interval = _SWEEP_MAX_S
+
+    def add(self, conn: UpstreamConnection, limit: float) -> None:
+        self.conns.add(conn)
+        if limit / 4 < self.interval:
+            self.interval = max(limit / 4, _SWEEP_MIN_S)
+            if self.handle is not None:
+                self.handle.cancel()
+                self.handle = None
+        if self.handle is None:
+            self.handle = self.loop.call_later(self.interval, self.sweep)
+
+    def sweep(self) -> None:
+        self.handle = None
+        now = self.loop.time()
+        late = [c for c in self.conns if c._head_deadline and c._head_deadline <= now]
+        for conn in late:
+            self.conns.discard(conn)
+            conn._head_timed_out()
+        if self.conns:
+            self.handle = self.loop.call_later(self.interval, self.sweep)
+        else:
+            self.interval = _SWEEP_MAX_S
+
+
+_SWEEP_MAX_S = 0.5
+_SWEEP_MIN_S = 0.01
+_DEADLINES: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Deadlines] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _deadlines_of(loop: asyncio.AbstractEventLoop) -> _Deadlines:
+    found = _DEADLINES.get(loop)
+    if found is None:
+        found = _DEADLINES[loop] = _Deadlines(loop)
+    return found
+
+
 class Origin:
     """One upstream address and the pool's connections to it (``UpstreamConnection.origin``).
 
@@ -275,9 +327,11 @@ class UpstreamConnection(asyncio.Protocol):
     __slots__ = (
         "_buffered",
         "_chunks",
+        "_deadlines",
         "_error",
+        "_head_deadline",
+        "_head_limit",
         "_head_room",
-        "_head_timer",
         "_is_head",
         "_keep_alive",
         "_loop",
@@ -317,7 +371,9 @@ class UpstreamConnection(asyncio.Protocol):
         self.phase = _P_DONE
         self._error: UpstreamError | None = None
         self._timeouts = _DEFAULT_TIMEOUTS
-        self._head_timer: asyncio.TimerHandle | None = None
+        self._deadlines = _deadlines_of(loop)
+        self._head_deadline = 0.0  # loop time by which the response head must come; 0: none
+        self._head_limit = 0.0
         self._waiter: asyncio.Future[None] | None = None
         self._write_paused = False
         self._read_paused = False
@@ -641,10 +697,9 @@ class UpstreamConnection(asyncio.Protocol):
                 UpstreamBadResponse(f"upstream answered with an invalid status {status:03d}")
             )
         self.status = status
-        timer = self._head_timer
-        if timer is not None:
-            self._head_timer = None
-            timer.cancel()
+        if self._head_deadline:
+            self._head_deadline = 0.0
+            self._deadlines.conns.discard(self)
         if self._is_head:
             # llhttp cannot be told about HEAD: it would wait for a body of Content-Length
             # bytes.  The message ends here; the next exchange gets a fresh parser.
@@ -685,10 +740,9 @@ class UpstreamConnection(asyncio.Protocol):
         self.state = _CLOSED
         self._keep_alive = False
         self.origin.conns.discard(self)
-        timer = self._head_timer
-        if timer is not None:
-            self._head_timer = None
-            timer.cancel()
+        if self._head_deadline:
+            self._head_deadline = 0.0
+            self._deadlines.conns.discard(self)
         # A wait timer goes with its waiter: _wake() below ends both.
 
     def _wake(self) -> None:
@@ -724,13 +778,15 @@ class UpstreamConnection(asyncio.Protocol):
         if not waiter.done():
             self.abort(UpstreamTimeoutError(phase, limit, reason))
 
-    def _head_timed_out(self, limit: float) -> None:
-        self._head_timer = None
-        self.abort(UpstreamTimeoutError("response_headers", limit))
+    def _head_timed_out(self) -> None:
+        self._head_deadline = 0.0
+        self.abort(UpstreamTimeoutError("response_headers", self._head_limit))
 
     def _arm_head_timer(self, limit: float) -> None:
         if self.phase is _P_HEAD and self.state is _ACTIVE:
-            self._head_timer = self._loop.call_later(limit, self._head_timed_out, limit)
+            self._head_deadline = self._loop.time() + limit
+            self._head_limit = limit
+            self._deadlines.add(self, limit)
 
     def _stop_parsing(self, error: UpstreamError) -> UpstreamError:
         """Record why the response is unacceptable; the caller raises it out of a parser
