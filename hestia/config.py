@@ -155,7 +155,13 @@ def read_secret_file(value: Any) -> Any:
 
 # A secret written in the config (`${ENV}` references expanded) or read from a file; either
 # way kept out of reprs and logs.
-EnvSecret = Annotated[SecretStr, BeforeValidator(expand_env)]
+def _not_empty(value: SecretStr) -> SecretStr:
+    if not value.get_secret_value().strip():
+        raise ValueError("is empty (if it names an environment variable, that variable is empty)")
+    return value
+
+
+EnvSecret = Annotated[SecretStr, BeforeValidator(expand_env), AfterValidator(_not_empty)]
 FileSecret = Annotated[SecretStr, BeforeValidator(read_secret_file)]
 
 

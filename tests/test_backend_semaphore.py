@@ -244,12 +244,13 @@ async def gateway(
     host: HostService,
     *,
     token: str,
+    project_id: int = 1,
     **service: Any,
 ) -> Any:
     monkeypatch.setenv(TOKEN_ENV, token)
     raw: dict[str, Any] = {
         "docker": {"enabled": False, "reconcile_interval": 0},
-        "semaphore": {"url": url, "token": "${" + TOKEN_ENV + "}", "project_id": 1},
+        "semaphore": {"url": url, "token": "${" + TOKEN_ENV + "}", "project_id": project_id},
         "services": {
             "web": {
                 "backend": "semaphore",
@@ -351,6 +352,18 @@ async def test_a_wrong_token_is_a_clear_error_naming_semaphore_and_the_401(
     assert fake.tasks == {}
 
 
+async def test_a_project_the_user_cannot_see_is_named(
+    gateway_factory: Any, monkeypatch: pytest.MonkeyPatch, fake: FakeSemaphore, host: HostService
+) -> None:
+    templates(fake, host)
+    gw = await gateway(gateway_factory, monkeypatch, fake.url, host, token=fake.token, project_id=7)
+    async with client(gw) as c:
+        r = await c.get("/services/web/")
+    assert r.status_code == 502
+    message = r.json()["error"]["message"]
+    assert "has no project 7" in message and "semaphore.project_id" in message
+
+
 async def test_semaphore_down_is_a_clear_503(
     gateway_factory: Any, monkeypatch: pytest.MonkeyPatch, host: HostService
 ) -> None:
@@ -422,6 +435,21 @@ async def test_a_host_service_running_without_hestia_is_adopted(
         assert r.status_code == 200 and r.json()["state"] == "stopped"
     assert [t.status for t in fake.tasks_of(stop)] == ["success"]
     assert not host.running
+
+
+async def test_a_host_service_stopped_outside_hestia_is_started_by_the_next_request(
+    gateway_factory: Any, monkeypatch: pytest.MonkeyPatch, fake: FakeSemaphore, host: HostService
+) -> None:
+    start, _ = templates(fake, host)
+    host.spawn()
+    await wait_for(lambda: tcp_probe("127.0.0.1", host.port), 10, "the host service")
+    gw = await gateway(gateway_factory, monkeypatch, fake.url, host, token=fake.token)
+    await wait_for(lambda: gw.service("web").state is State.READY, 10, "the adoption")
+    await host.terminate()  # `systemctl stop` by hand
+    async with client(gw) as c:
+        r = await c.get("/services/web/")  # refused, noticed, held for the start task
+    assert r.status_code == 200 and "hello from the host service" in r.text
+    assert [t.status for t in fake.tasks_of(start)] == ["success"]
 
 
 async def test_a_failed_stop_task_leaves_the_service_failed_with_the_reason(
@@ -593,6 +621,7 @@ def test_token_from_env_from_file_and_the_errors_naming_the_key(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     monkeypatch.setenv("HESTIA_T_TOKEN", "abc")
+    monkeypatch.setenv("HESTIA_T_EMPTY", "")
     config = parse_config(_raw(token="${HESTIA_T_TOKEN}"))
     assert config.semaphore is not None and config.semaphore.api_token() == "abc"
     assert "abc" not in repr(config.semaphore)
@@ -607,6 +636,7 @@ def test_token_from_env_from_file_and_the_errors_naming_the_key(
         (_raw(token="${HESTIA_T_MISSING}"), "semaphore.token: the environment variable "),
         (_raw(token_file=str(tmp_path / "nope")), "semaphore.token_file: the file "),
         (_raw(), "semaphore: give exactly one of `token`"),
+        (_raw(token="${HESTIA_T_EMPTY}"), "semaphore.token: is empty"),
         ({"services": _raw()["services"]}, "services.web.backend: `semaphore` needs the top"),
     ]:
         with pytest.raises(ConfigError) as info:

@@ -522,11 +522,7 @@ class SemaphoreBackend:
             ) from None
         if resp.status_code in expect:
             return resp
-        if resp.status_code in (401, 403) or (
-            resp.status_code == 404 and path.endswith("/templates")
-        ):
-            raise self._refused(resp, method, path, service, what)
-        if fail:
+        if fail or resp.status_code in (401, 403):  # no caller can do better with these
             raise self._refused(resp, method, path, service, what)
         return resp
 
@@ -539,8 +535,8 @@ class SemaphoreBackend:
             message = (
                 f"Semaphore at {self.url} refused Hestia's API token (401 Unauthorized) while "
                 f"{what} for service {service!r}: the token is wrong, expired or deleted. "
-                "Create one (Semaphore: your user menu > API Tokens, or POST /api/user/tokens) "
-                "and set semaphore.token"
+                "Create one (POST /api/user/tokens while logged in to Semaphore, see "
+                "'Host services through Semaphore' in Hestia's README) and set semaphore.token"
             )
         elif code == 403:
             message = (
