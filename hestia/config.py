@@ -25,6 +25,7 @@ from pydantic import (
     ConfigDict,
     Field,
     PrivateAttr,
+    SecretStr,
     ValidationError,
     model_validator,
 )
@@ -39,7 +40,10 @@ LABEL_PREFIX = "hestia."
 KNOWN_BACKENDS: dict[str, str] = {
     "docker": "a Docker container on the local engine",
     "memory": "instances simulated in memory (tests and demos)",
+    "semaphore": "a host-level service started and stopped by Semaphore (Ansible) task templates",
 }
+# Backends without containers: their one instance per service is known by the service name.
+INSTANCE_IS_SERVICE = frozenset({"semaphore"})
 
 # Every hestia.* label, with what it means. Settings labels map to the service key of the
 # same name (`health.path` -> health: {path: ...}).
@@ -103,6 +107,72 @@ def parse_duration(value: Any) -> float:
 
 
 Duration = Annotated[float, BeforeValidator(parse_duration)]
+
+_ENV_REF = re.compile(r"\$(\$?)\{([^}]*)\}")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def expand_env(value: Any) -> Any:
+    """`${NAME}` in a string -> the value of the environment variable NAME (`$${` writes a
+    literal `${`). For secrets that must not sit in the config file; a missing variable is a
+    config error naming the key (raised as ValueError inside a pydantic validator)."""
+    if isinstance(value, SecretStr):
+        value = value.get_secret_value()
+    if not isinstance(value, str):
+        return value
+
+    def substitute(m: re.Match[str]) -> str:
+        escaped, name = m.group(1), m.group(2)
+        if escaped:
+            return "${" + name + "}"
+        if not _ENV_NAME.match(name):
+            raise ValueError(
+                f"${{{name}}} is not an environment variable reference; write ${{NAME}} "
+                "(letters, digits, _), or $${ for a literal ${"
+            )
+        if name not in os.environ:
+            raise ValueError(
+                f"the environment variable {name} (referenced as ${{{name}}}) is not set; "
+                "set it in Hestia's environment, or write the value here"
+            )
+        return os.environ[name]
+
+    return _ENV_REF.sub(substitute, value)
+
+
+def read_secret_file(value: Any) -> Any:
+    """A path (`${ENV}` allowed) -> the file's text without its trailing newline: the
+    `*_file` convention of Docker/Kubernetes secrets. Read once, at load time."""
+    if not isinstance(value, str):
+        return value
+    path = Path(expand_env(value))
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ValueError(f"the file {path} does not exist; create it or fix the path") from None
+    except PermissionError:
+        raise ValueError(
+            f"the file {path} cannot be read (permission denied); make it readable by the user "
+            "Hestia runs as"
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"the file {path} cannot be read: {exc}") from None
+    secret = text.strip()
+    if not secret:
+        raise ValueError(f"the file {path} is empty")
+    return secret
+
+
+# A secret written in the config (`${ENV}` references expanded) or read from a file; either
+# way kept out of reprs and logs.
+def _not_empty(value: SecretStr) -> SecretStr:
+    if not value.get_secret_value().strip():
+        raise ValueError("is empty (if it names an environment variable, that variable is empty)")
+    return value
+
+
+EnvSecret = Annotated[SecretStr, BeforeValidator(expand_env), AfterValidator(_not_empty)]
+FileSecret = Annotated[SecretStr, BeforeValidator(read_secret_file)]
 
 
 class _Strict(BaseModel):
@@ -228,7 +298,15 @@ def _check_backend(value: str | None) -> str | None:
     return value
 
 
+def _check_template(value: Any) -> Any:
+    if isinstance(value, bool) or (isinstance(value, str) and not value.strip()):
+        raise ValueError("a Semaphore template is its id (a number) or its name")
+    return value
+
+
 Url = Annotated[str | None, AfterValidator(_check_url)]
+# a Semaphore task template: its id, or its name (looked up in the project's templates)
+TemplateRef = Annotated[int | str | None, BeforeValidator(_check_template)]
 BackendName = Annotated[str | None, AfterValidator(_check_backend)]
 Source = Literal["config", "labels", "config+labels"]
 
@@ -270,11 +348,44 @@ class ServiceConfig(_Strict):
     depends_on: StrList = []  # started first (and kept up while this one runs)
     exclusive_group: str | None = None  # at most one service of the group runs at a time
     wake: WakeConfig = WakeConfig()
+    # backend semaphore: the task templates that start and stop the service, and extra vars
+    # sent with both tasks (the task's `environment`)
+    start_template: TemplateRef = None
+    stop_template: TemplateRef = None
+    environment: dict[str, Any] | None = None
     # Where the settings came from: the config file, labels, or both (config wins key by key).
     source: Source = "config"
 
     @model_validator(mode="after")
     def _backend_has_an_instance(self) -> ServiceConfig:
+        if self.backend == "semaphore":
+            missing = [
+                f"`{key}`"
+                for key in ("url", "start_template", "stop_template")
+                if getattr(self, key) is None
+            ]
+            if missing:
+                raise ValueError(
+                    f"backend 'semaphore' needs {', '.join(missing)} (where the running service "
+                    "answers, and the Semaphore task templates that start and stop it)"
+                )
+            if self.container is not None:
+                raise ValueError(
+                    "container: a semaphore service has no container; remove it, or use "
+                    "backend: docker"
+                )
+            if self.health.type == "docker":
+                raise ValueError(
+                    "health.type: `docker` needs a Docker HEALTHCHECK; use http or tcp for a "
+                    "semaphore service"
+                )
+        else:
+            for key in ("start_template", "stop_template", "environment"):
+                if getattr(self, key) is not None:
+                    raise ValueError(
+                        f"{key}: only for services with `backend: semaphore` (this one's "
+                        f"backend is {self.backend or 'none: a plain url'})"
+                    )
         if self.backend is not None and self.instance is None:
             raise ValueError(
                 f"backend {self.backend!r} needs `container` (the instance to start and stop)"
@@ -288,8 +399,11 @@ class ServiceConfig(_Strict):
 
     @property
     def instance(self) -> str | None:
-        """The name the backend knows the instance by."""
-        return self.container
+        """The name the backend knows the instance by: the container, or the service's own
+        name for a backend without containers."""
+        if self.container is not None:
+            return self.container
+        return self.name if self.backend in INSTANCE_IS_SERVICE else None
 
 
 def _check_cidr(value: str) -> str:
@@ -372,6 +486,51 @@ class DockerConfig(_Strict):
     recreate_grace: Duration = 2.0
 
 
+def _check_semaphore_url(value: str) -> str:
+    parsed = urlsplit(value)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise ValueError(f"{value!r} is not an http:// or https:// URL with a host")
+    if parsed.query or parsed.fragment:
+        raise ValueError(f"{value!r}: Semaphore's URL cannot carry a query or a fragment")
+    return value.rstrip("/")
+
+
+class SemaphoreTimeouts(_Strict):
+    connect: Duration = Field(default=5.0, gt=0)
+    # one API call (an answer, a write, a free connection in the pool)
+    request: Duration = Field(default=30.0, gt=0)
+    # how long a stop follows the stop template's task (a start is bounded by the service's
+    # startup_timeout); then Hestia asks Semaphore to stop the task
+    stop_task: Duration = Field(default=600.0, gt=0)
+
+
+class SemaphoreConfig(_Strict):
+    """Semaphore UI, which runs the Ansible task templates that start and stop host-level
+    services (`backend: semaphore`)."""
+
+    # The UI's address; with SEMAPHORE_WEB_ROOT's path if it has one (the API is <url>/api).
+    url: Annotated[str, AfterValidator(_check_semaphore_url)]
+    # An API token (`${ENV}` references allowed), or token_file: a file holding it.
+    token: EnvSecret | None = None
+    token_file: FileSecret | None = None
+    project_id: int = Field(ge=1)
+    timeouts: SemaphoreTimeouts = SemaphoreTimeouts()
+
+    @model_validator(mode="after")
+    def _one_token(self) -> SemaphoreConfig:
+        if (self.token is None) == (self.token_file is None):
+            raise ValueError(
+                "give exactly one of `token` (e.g. token: ${SEMAPHORE_TOKEN}) and `token_file` "
+                "(a file holding the API token)"
+            )
+        return self
+
+    def api_token(self) -> str:
+        secret = self.token if self.token is not None else self.token_file
+        assert secret is not None  # _one_token
+        return secret.get_secret_value()
+
+
 class LoggingConfig(_Strict):
     format: Literal["json", "text"] = "json"
     level: Literal["TRACE", "DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
@@ -433,6 +592,9 @@ class _ServiceEntry(_Settings):
     warm_schedule: list[str] | str | None = None
     depends_on: list[str] | str | None = None
     exclusive_group: str | None = None
+    start_template: TemplateRef = None
+    stop_template: TemplateRef = None
+    environment: dict[str, Any] | None = None
 
 
 class ScheduleConfig(_Strict):
@@ -452,6 +614,8 @@ class HestiaConfig(_Strict):
     server: ServerConfig = ServerConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     docker: DockerConfig = DockerConfig()
+    # Present: the semaphore backend runs (services with `backend: semaphore`).
+    semaphore: SemaphoreConfig | None = None
     logging: LoggingConfig = LoggingConfig()
     database: DatabaseConfig = DatabaseConfig()
     defaults: _Settings = _Settings()
@@ -479,8 +643,8 @@ class HestiaConfig(_Strict):
         the backend that found it, if any.
         """
         merged: dict[str, Any] = {"name": name}
-        if instance is not None:
-            merged["container"] = instance
+        if instance is not None and backend not in INSTANCE_IS_SERVICE:
+            merged["container"] = instance  # (the others' instance is the service itself)
         if backend is not None:
             merged["backend"] = backend
         nested: dict[str, dict[str, Any]] = {key: {} for key in _NESTED}
@@ -655,7 +819,12 @@ def parse_config(raw: Any, source: str = "<config>") -> HestiaConfig:
                 "digits, '_', '.', '-' (at most 63 characters)"
             )
         entry = cfg.services[name]
-        if entry.container is None and entry.url is None:
+        if entry.backend == "semaphore" and cfg.semaphore is None:
+            raise ConfigError(
+                f"invalid config in {source}: services.{name}.backend: `semaphore` needs the "
+                "top-level `semaphore:` section (url, token, project_id)"
+            )
+        if entry.container is None and entry.url is None and entry.backend != "semaphore":
             raise ConfigError(
                 f"invalid config in {source}: services.{name}: needs `container` (a Docker "
                 "container Hestia starts on demand) or `url` (an always-on upstream), or both"

@@ -1,7 +1,7 @@
 """Backends run service instances; `build_backends()` makes the ones the config enables.
 
 Each backend module is imported only when it is enabled, so a gateway without Docker never
-imports docker-py.
+imports docker-py (nor one without a `semaphore:` section httpx and tenacity).
 """
 
 from __future__ import annotations
@@ -18,4 +18,8 @@ def build_backends(config: HestiaConfig) -> dict[str, Backend]:
         from hestia.backends.docker import DockerBackend
 
         backends["docker"] = DockerBackend(self_container=config.docker.self_container)
+    if config.semaphore is not None:
+        from hestia.backends.semaphore import SemaphoreBackend
+
+        backends["semaphore"] = SemaphoreBackend(config.semaphore)
     return backends

@@ -36,6 +36,7 @@ COMPOSE_SECRETS = {
     "JUPYTER_TOKEN": "e2e",
     "SEMAPHORE_ADMIN_PASSWORD": "e2e",
     "SEMAPHORE_ACCESS_KEY_ENCRYPTION": "e2e",
+    "SEMAPHORE_DB_PASSWORD": "e2e",
 }
 BASE_IMAGE = os.environ.get("HESTIA_E2E_BASE_IMAGE", "hestia-test-base:bookworm")
 IMAGE = "hestia:e2e"

@@ -33,11 +33,12 @@ def test_published_ports_are_on_loopback_by_default(path: Path) -> None:
 
 
 def test_the_examples_are_there() -> None:
-    assert {p.name for p in EXAMPLES} >= {"minimal.yml", "ollama.yml", "mixed.yml"}
+    assert {p.name for p in EXAMPLES} >= {"minimal.yml", "ollama.yml", "mixed.yml", "semaphore.yml"}
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
-def test_example_config_loads(path: Path) -> None:
+def test_example_config_loads(path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SEMAPHORE_TOKEN", "example-token")  # examples/semaphore.yml's ${...}
     config = load_config(path)
     assert config.services, f"{path.name} declares no service"
     for name, service in config.static_services().items():
