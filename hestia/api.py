@@ -15,6 +15,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from hestia import __version__
+from hestia.auth import Authenticator
 from hestia.errors import HestiaError, ServiceStartTimeout, StartCancelled, error_body
 from hestia.lifecycle import State
 from hestia.metrics import Metrics, PrometheusCollector
@@ -107,7 +108,26 @@ class EventList(BaseModel):
     events: list[Event]
 
 
-def build_api(registry: Registry, metrics: Metrics, store: Store) -> FastAPI:
+class KeyInfo(BaseModel):
+    name: str
+    scopes: list[str]
+
+
+class CallerKey(KeyInfo):
+    via: str  # "key" (a header) or "cookie" (a browser session from /login)
+
+
+class AuthStatus(BaseModel):
+    enabled: bool
+    header: str  # "both" (Authorization: Bearer or X-API-Key) or "x-api-key"
+    public_metrics: bool
+    you: CallerKey | None  # the key this request was authenticated with
+    keys: list[KeyInfo]  # names and scopes, never a key
+
+
+def build_api(
+    registry: Registry, metrics: Metrics, store: Store, auth: Authenticator | None = None
+) -> FastAPI:
     prometheus = CollectorRegistry(auto_describe=True)
     prometheus.register(PrometheusCollector(metrics))
     api = FastAPI(
@@ -175,6 +195,19 @@ def build_api(registry: Registry, metrics: Metrics, store: Store) -> FastAPI:
             services=len(registry.services),
             store=StoreHealth(**store_health),
         )
+
+    @api.get("/v1/auth", response_model=AuthStatus)
+    async def auth_status(request: Request) -> dict[str, Any]:
+        """Authentication settings, the caller's key and every key's name and scopes."""
+        if auth is None:
+            return {
+                "enabled": False,
+                "header": "both",
+                "public_metrics": False,
+                "you": None,
+                "keys": [],
+            }
+        return auth.describe(request.scope)
 
     @api.get("/v1/services", response_model=ServiceList)
     async def list_services() -> dict[str, Any]:
