@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 from typing import Any
 
 from fastapi import FastAPI, Query, Request
@@ -282,7 +283,68 @@ def build_api(
             await asyncio.shield(task)
         return svc.status()
 
+    _document(api, auth)
     return api
+
+
+# The routes anyone may call with auth on (see hestia/auth.py)
+_OPEN = {("/v1/health", "get"), ("/v1/health", "head")}
+_AUTH_ERRORS = {
+    "401": "no key, or a wrong one (WWW-Authenticate: Bearer)",
+    "403": "the key lacks the scope; or a cross-origin request signed in by the session cookie",
+    "429": "too many wrong keys from this address (Retry-After)",
+}
+
+
+def _document(api: FastAPI, auth: Authenticator | None) -> None:
+    """Make /openapi.json say what the gateway answers: errors in the one JSON shape (422
+    too, not FastAPI's own), and with auth on, the key schemes and 401/403/429 on every
+    protected operation. Auth can change at runtime: one document per auth setting."""
+    plain = api.openapi
+    docs: dict[tuple[bool, bool, bool], dict[str, Any]] = {}
+    error_ref = {"$ref": "#/components/schemas/ErrorBody"}
+
+    def openapi() -> dict[str, Any]:
+        enabled = auth is not None and auth.enabled
+        public = auth is not None and auth.public_metrics
+        bearer = auth is None or auth.bearer
+        key = (enabled, public, bearer)
+        if key in docs:
+            return docs[key]
+        doc = copy.deepcopy(plain())
+        schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+        error_schema = ErrorBody.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas.update(error_schema.pop("$defs", {}))
+        schemas["ErrorBody"] = error_schema
+        for schema_name in ("HTTPValidationError", "ValidationError"):
+            schemas.pop(schema_name, None)
+        schemes: dict[str, Any] = {
+            "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"}
+        }
+        if bearer:
+            schemes["bearer"] = {"type": "http", "scheme": "bearer"}
+        if enabled:
+            doc["components"]["securitySchemes"] = schemes
+        for path, operations in doc.get("paths", {}).items():
+            for method, op in operations.items():
+                responses = op.setdefault("responses", {})
+                if "422" in responses:
+                    responses["422"] = {
+                        "description": "invalid parameters",
+                        "content": {"application/json": {"schema": error_ref}},
+                    }
+                if not enabled or (path, method) in _OPEN or (path == "/metrics" and public):
+                    continue
+                op["security"] = [{name: []} for name in schemes]
+                for status, what in _AUTH_ERRORS.items():
+                    responses[status] = {
+                        "description": what,
+                        "content": {"application/json": {"schema": error_ref}},
+                    }
+        docs[key] = doc
+        return doc
+
+    api.openapi = openapi  # type: ignore[method-assign]
 
 
 def _raw(status: int, body: bytes) -> Response:

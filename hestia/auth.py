@@ -197,6 +197,15 @@ class Authenticator:
         )
         self.enabled = config.enabled
 
+    @property
+    def public_metrics(self) -> bool:
+        return self._state.public_metrics
+
+    @property
+    def bearer(self) -> bool:
+        """Authorization: Bearer is a gateway credential (header: both)."""
+        return self._state.bearer
+
     def identify(self, presented: bytes) -> Key | None:
         """The configured key `presented` is, compared in constant time with every one."""
         digest = hashlib.sha256(presented).digest()

@@ -14,10 +14,9 @@ import itertools
 import json
 import re
 import socket
-import threading
-from collections.abc import Coroutine, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import pytest
 from hypothesis import HealthCheck, event, given, settings
@@ -26,8 +25,8 @@ from hypothesis import strategies as st
 from hestia.address import upstream_from_url
 from hestia.headers import upstream_request_headers
 from hestia.router import Router, remove_dot_segments
-from tests.conftest import free_port
 from tests.recorder import Recorder
+from tests.threaded import ThreadedLoop
 
 T = TypeVar("T")
 KEY_A = "prop-key-a-0123456789abcdef"
@@ -161,79 +160,32 @@ def test_headers_never_change_the_upstream(headers: list[tuple[bytes, bytes]]) -
 
 
 # ------------------------------------------------------------------ through real gateways
-class Harness:
-    """Gateways and upstreams on an event loop in a thread of their own, so that hypothesis
-    (synchronous) can drive them with raw sockets."""
+class Harness(ThreadedLoop):
+    """Two recording upstreams, a canary address and two gateways (open, and locked with a key
+    for service a only), driven synchronously by hypothesis with raw sockets."""
 
     def __init__(self, tmp: Path) -> None:
-        self.tmp = tmp
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.stops: list[Any] = []
-        self.gateways: list[Any] = []
+        super().__init__(tmp)
         self.a = Recorder("A")
         self.b = Recorder("B")
         self.canary_hits = 0
         self.ids = itertools.count()
 
-    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 30) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+    async def start(self) -> None:
+        self.pa = await self.serve_app(self.a)
+        self.pb = await self.serve_app(self.b)
 
-    async def _serve_app(self, app: Any) -> int:
-        import uvicorn
-
-        port = free_port()
-        server = uvicorn.Server(
-            uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="off")
-        )
-        task = asyncio.create_task(server.serve())
-        while not server.started:
-            if task.done():
-                task.result()
-            await asyncio.sleep(0.02)
-        self.stops.append((server, task))
-        return port
-
-    async def _canary(self) -> int:
         async def hit(_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
             self.canary_hits += 1
             writer.close()
 
-        server = await asyncio.start_server(hit, "127.0.0.1", 0)
-        self.canary_server = server
-        return int(server.sockets[0].getsockname()[1])
-
-    async def _gateway(self, raw: dict[str, Any]) -> int:
-        from hestia.app import Gateway
-        from hestia.config import parse_config
-        from hestia.server import build_server
-
-        config = parse_config(raw, source="test")
-        gateway = Gateway(config, None)
-        self.gateways.append(gateway)
-        port = free_port()
-        server = build_server(gateway, "127.0.0.1", port, shutdown_grace=2)
-        task = asyncio.create_task(server.serve())
-        while not server.started:
-            if task.done():
-                task.result()
-            await asyncio.sleep(0.02)
-        self.stops.append((server, task))
-        return port
-
-    async def start(self) -> None:
-        self.pa = await self._serve_app(self.a)
-        self.pb = await self._serve_app(self.b)
-        self.pc = await self._canary()
+        self.canary = await asyncio.start_server(hit, "127.0.0.1", 0)
+        self.pc = int(self.canary.sockets[0].getsockname()[1])
         services = {
             "a": {"url": f"http://127.0.0.1:{self.pa}/base"},
             "b": {"url": f"http://127.0.0.1:{self.pb}/"},
         }
-        common = {"docker": {"enabled": False}, "services": services, "logging": {"access": False}}
-        self.open_port = await self._gateway(
-            {**common, "database": {"url": f"sqlite:///{self.tmp}/open.db"}}
-        )
+        _, self.open_port = await self.gateway({"services": services, "logging": {"access": False}})
         auth = {
             "enabled": True,
             "keys": [
@@ -241,18 +193,11 @@ class Harness:
                 {"name": "root", "key": KEY_ADMIN, "scopes": ["admin"]},
             ],
         }
-        self.locked_port = await self._gateway(
-            {**common, "auth": auth, "database": {"url": f"sqlite:///{self.tmp}/locked.db"}}
+        locked, self.locked_port = await self.gateway(
+            {"services": services, "logging": {"access": False}, "auth": auth}
         )
         # wrong keys are part of the sample: no blocking of 127.0.0.1 here
-        self.gateways[-1].auth.limiter.limit = 1 << 30
-
-    async def stop(self) -> None:
-        for server, _ in self.stops:
-            server.should_exit = True
-        await asyncio.wait([task for _, task in self.stops], timeout=20)
-        self.canary_server.close()
-        await self.canary_server.wait_closed()
+        locked.auth.limiter.limit = 1 << 30
 
     def request(self, port: int, head: bytes) -> tuple[int, dict[bytes, bytes], bytes]:
         """Send a raw request head (Connection: close) and read the whole answer."""
@@ -286,10 +231,9 @@ def harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Harness]:
         h.run(h.start())
         yield h
     finally:
-        h.run(h.stop())
-        h.loop.call_soon_threadsafe(h.loop.stop)
-        h.thread.join(10)
-        h.loop.close()
+        if hasattr(h, "canary"):
+            h.loop.call_soon_threadsafe(h.canary.close)
+        h.close()
 
 
 forms = st.sampled_from(["origin"] * 6 + ["absolute-own"] * 3 + ["absolute-b", "absolute-canary"])
