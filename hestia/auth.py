@@ -30,7 +30,6 @@ removing a key ends its sessions at their next request; scopes are always the cu
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import hmac
 import html
@@ -59,6 +58,7 @@ from hestia.types import Receive, Scope, Send
 
 COOKIE = "hestia_session"
 _COOKIE_B = COOKIE.encode()
+_COOKIE_EQ = _COOKIE_B + b"="
 # A browser session lasts this long, or until the key it was made with changes, or, without
 # `auth.session_secret`, until Hestia restarts.
 SESSION_TTL_S = 7 * 86400
@@ -89,7 +89,7 @@ class Key:
     read: bool  # GET/HEAD on the control API
     all_services: bool
     services: frozenset[str]
-    fingerprint: bytes  # bound into its session cookies: a changed key ends them
+    fingerprint: str  # bound into its session cookies (hex): a changed key ends them
 
     def may_use(self, service: str) -> bool:
         return self.all_services or service in self.services
@@ -345,7 +345,7 @@ class Authenticator:
                 return False
 
         if api_key is not None or strip_bearer or cookie is not None:
-            scope["headers"] = _strip(headers, bearer if strip_bearer else None)
+            scope["headers"] = _strip(headers, bearer if strip_bearer else None, cookie is not None)
         scope["hestia.key"] = key
         scope["hestia.via"] = via
         return True
@@ -459,23 +459,20 @@ class Authenticator:
 
     # ---------------------------------------------------------------- sessions
     def issue_session(self, key: Key) -> str:
-        """A signed cookie value naming `key`, valid for SESSION_TTL_S."""
+        """A signed cookie value naming `key`, valid for SESSION_TTL_S:
+        `1|<expiry>|<key fingerprint>|<key name>|<MAC of the rest>`, all of it
+        characters a cookie may carry as they are (key names are [A-Za-z0-9_.@-])."""
         st = self._state
         expires = int(self.wall()) + SESSION_TTL_S
-        payload = f"1|{expires}|{key.fingerprint.hex()}|{key.name}".encode()
-        sig = hmac.new(st.session_key, payload, hashlib.sha256).digest()
-        return f"{_b64(payload)}.{_b64(sig)}"
+        payload = f"1|{expires}|{key.fingerprint}|{key.name}".encode()
+        sig = _sign(st.session_key, payload)
+        return f"{payload.decode()}|{sig}"
 
     def _verify_session(self, st: _State, value: bytes) -> Key | None:
-        payload_b64, dot, sig_b64 = value.partition(b".")
-        if not dot:
+        payload, bar, sig = value.rpartition(b"|")
+        if not bar:
             return None
-        try:
-            payload = base64.urlsafe_b64decode(payload_b64 + b"=" * (-len(payload_b64) % 4))
-            sig = base64.urlsafe_b64decode(sig_b64 + b"=" * (-len(sig_b64) % 4))
-        except ValueError:
-            return None
-        expected = hmac.new(st.session_key, payload, hashlib.sha256).digest()
+        expected = _sign(st.session_key, payload).encode()
         if not hmac.compare_digest(sig, expected):
             return None
         try:
@@ -485,7 +482,7 @@ class Authenticator:
         except ValueError:
             return None
         key = st.by_name.get(name)
-        if key is None or not hmac.compare_digest(bytes.fromhex(fingerprint), key.fingerprint):
+        if key is None or not hmac.compare_digest(fingerprint, key.fingerprint):
             return None
         return key
 
@@ -586,8 +583,16 @@ def _build_key(name: str, digest: bytes, scopes: tuple[str, ...], session_key: b
         read=admin or "read" in scopes,
         all_services=admin or "service:*" in scopes,
         services=frozenset(s[8:] for s in scopes if s.startswith("service:")),
-        fingerprint=hmac.new(session_key, b"key:" + digest, hashlib.sha256).digest()[:16],
+        fingerprint=hmac.digest(session_key, b"key:" + digest, "sha256")[:16].hex(),
     )
+
+
+def _sign(session_key: bytes, payload: bytes) -> str:
+    """The session cookie's MAC: keyed BLAKE2b (a MAC by design, and four times cheaper than
+    HMAC-SHA256 here: it is computed on every request a browser makes)."""
+    return hashlib.blake2b(
+        payload, key=session_key, digest_size=32, person=b"hestia-session"
+    ).hexdigest()
 
 
 def _svc(route: Route | None) -> str | None:
@@ -606,15 +611,11 @@ def _netloc(scheme: str, netloc: str) -> str:
     return netloc[: -len(default)] if netloc.endswith(default) else netloc
 
 
-def _b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
-
-
 def _cookie_value(header: bytes) -> bytes | None:
     for part in header.split(b";"):
-        name, eq, value = part.strip().partition(b"=")
-        if eq and name == _COOKIE_B:
-            return value.strip().strip(b'"')
+        part = part.lstrip()
+        if part.startswith(_COOKIE_EQ):
+            return part[len(_COOKIE_EQ) :].strip().strip(b'"')
     return None
 
 
@@ -626,30 +627,36 @@ def _cookie_value_in(headers: list[tuple[bytes, bytes]]) -> bytes | None:
     return found
 
 
-def _strip(headers: list[tuple[bytes, bytes]], bearer: bytes | None) -> list[tuple[bytes, bytes]]:
+def _strip(
+    headers: list[tuple[bytes, bytes]], bearer: bytes | None, session: bool
+) -> list[tuple[bytes, bytes]]:
     """The headers without the gateway's credential: X-API-Key, the Authorization that carried
-    `bearer` (a gateway key) and the session cookie; everything else in order."""
-    out: list[tuple[bytes, bytes]] = []
-    for name, value in headers:
-        if name == b"x-api-key":
-            continue
-        if (
-            name == b"authorization"
-            and bearer is not None
-            and value[:7].lower() == b"bearer "
-            and value[7:].strip() == bearer
-        ):
-            continue
-        if name == b"cookie" and _COOKIE_B in value:
-            kept = [
-                p.strip()
-                for p in value.split(b";")
-                if p.strip() and p.strip().partition(b"=")[0] != _COOKIE_B
-            ]
-            if not kept:
-                continue
-            value = b"; ".join(kept)
-        out.append((name, value))
+    `bearer` (a gateway key) and, with `session`, the session cookie; the rest in order."""
+    if bearer is None:
+        out = [h for h in headers if h[0] != b"x-api-key"]
+    else:
+        out = [
+            h
+            for h in headers
+            if h[0] != b"x-api-key"
+            and (
+                h[0] != b"authorization"
+                or h[1][:7].lower() != b"bearer "
+                or h[1][7:].strip() != bearer
+            )
+        ]
+    if session:
+        emptied = False
+        for i, (name, value) in enumerate(out):
+            if name == b"cookie" and _COOKIE_B in value:
+                # "a=1; hestia_session=x; b=2" -> "a=1; b=2"
+                rest = b";".join(
+                    p for p in value.split(b";") if not p.lstrip().startswith(_COOKIE_EQ)
+                ).lstrip()
+                out[i] = (name, rest)
+                emptied = emptied or not rest
+        if emptied:
+            out = [h for h in out if h[0] != b"cookie" or h[1]]
     return out
 
 

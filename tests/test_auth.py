@@ -420,8 +420,9 @@ async def test_login_page_cookie_and_logout(world: World) -> None:
         me = (await c.get("/login", headers=cookie)).text
         assert "Signed in as <strong>only-a</strong>" in me
         # a forged or tampered cookie is no session
-        payload, sig = value.split(".")
-        for forged in (payload + "." + sig[::-1], payload[:-2] + "." + sig, "garbage"):
+        payload, _, sig = value.rpartition("|")
+        longer = payload.replace("|1", "|2", 1)  # another expiry, the same signature
+        for forged in (f"{payload}|{sig[::-1]}", f"{longer}|{sig}", "garbage", f"{payload}|"):
             r = await c.get("/services/a/", headers={"Cookie": f"hestia_session={forged}"})
             assert "sign in again" in assert_error(r, 401, "unauthorized")["message"]
 
