@@ -352,3 +352,27 @@ def test_a_request_reaches_what_the_router_says_or_is_refused(
     # a request for service a never gets anything from anyone else
     if raw_path.startswith(b"/services/a/"):
         assert not reached_b and (reached_a or status >= 400)
+
+
+def test_absolute_form_targets_never_pick_the_upstream(harness: Harness) -> None:
+    """An absolute-form target naming another host is refused; naming the gateway itself, it
+    is routed by its path like any request. Host and X-Forwarded-Host never matter."""
+    h = harness
+    gateway = f"127.0.0.1:{h.open_port}"
+    for authority in (f"127.0.0.1:{h.pb}", f"127.0.0.1:{h.pc}", "evil.example"):
+        head = (
+            f"GET http://{authority}/services/a/x HTTP/1.1\r\nHost: {gateway}\r\n"
+            "Connection: close\r\n\r\n"
+        ).encode()
+        status, _, body = h.request(h.open_port, head)
+        assert status == 400 and json.loads(body)["error"]["code"] == "bad_request"
+    rid = b"absolute-own"
+    head = (
+        f"GET http://{gateway}/services/a/own HTTP/1.1\r\nHost: {gateway}\r\n"
+        f"X-Forwarded-Host: 127.0.0.1:{h.pb}\r\nX-Request-ID: absolute-own\r\n"
+        "Connection: close\r\n\r\n"
+    ).encode()
+    status, _, body = h.request(h.open_port, head)
+    assert (status, body) == (200, b"A")
+    assert h.seen_by(h.a, rid) == [b"/base/own"] and h.seen_by(h.b, rid) == []
+    assert h.canary_hits == 0
