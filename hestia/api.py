@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 from typing import Any
 
 from fastapi import FastAPI, Query, Request
@@ -15,6 +16,7 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from hestia import __version__
+from hestia.auth import Authenticator
 from hestia.errors import HestiaError, ServiceStartTimeout, StartCancelled, error_body
 from hestia.lifecycle import State
 from hestia.metrics import Metrics, PrometheusCollector
@@ -115,7 +117,26 @@ class EventList(BaseModel):
     events: list[Event]
 
 
-def build_api(registry: Registry, metrics: Metrics, store: Store) -> FastAPI:
+class KeyInfo(BaseModel):
+    name: str
+    scopes: list[str]
+
+
+class CallerKey(KeyInfo):
+    via: str  # "key" (a header) or "cookie" (a browser session from /login)
+
+
+class AuthStatus(BaseModel):
+    enabled: bool
+    header: str  # "both" (Authorization: Bearer or X-API-Key) or "x-api-key"
+    public_metrics: bool
+    you: CallerKey | None  # the key this request was authenticated with
+    keys: list[KeyInfo]  # names and scopes, never a key
+
+
+def build_api(
+    registry: Registry, metrics: Metrics, store: Store, auth: Authenticator | None = None
+) -> FastAPI:
     prometheus = CollectorRegistry(auto_describe=True)
     prometheus.register(PrometheusCollector(metrics))
     api = FastAPI(
@@ -184,6 +205,19 @@ def build_api(registry: Registry, metrics: Metrics, store: Store) -> FastAPI:
             services=len(registry.services),
             store=StoreHealth(**store_health),
         )
+
+    @api.get("/v1/auth", response_model=AuthStatus)
+    async def auth_status(request: Request) -> dict[str, Any]:
+        """Authentication settings, the caller's key and every key's name and scopes."""
+        if auth is None:
+            return {
+                "enabled": False,
+                "header": "both",
+                "public_metrics": False,
+                "you": None,
+                "keys": [],
+            }
+        return auth.describe(request.scope)
 
     @api.get("/v1/services", response_model=ServiceList)
     async def list_services() -> dict[str, Any]:
@@ -258,7 +292,68 @@ def build_api(registry: Registry, metrics: Metrics, store: Store) -> FastAPI:
             await asyncio.shield(task)
         return svc.status()
 
+    _document(api, auth)
     return api
+
+
+# The routes anyone may call with auth on (see hestia/auth.py)
+_OPEN = {("/v1/health", "get"), ("/v1/health", "head")}
+_AUTH_ERRORS = {
+    "401": "no key, or a wrong one (WWW-Authenticate: Bearer)",
+    "403": "the key lacks the scope; or a cross-origin request signed in by the session cookie",
+    "429": "too many wrong keys from this address (Retry-After)",
+}
+
+
+def _document(api: FastAPI, auth: Authenticator | None) -> None:
+    """Make /openapi.json say what the gateway answers: errors in the one JSON shape (422
+    too, not FastAPI's own), and with auth on, the key schemes and 401/403/429 on every
+    protected operation. Auth can change at runtime: one document per auth setting."""
+    plain = api.openapi
+    docs: dict[tuple[bool, bool, bool], dict[str, Any]] = {}
+    error_ref = {"$ref": "#/components/schemas/ErrorBody"}
+
+    def openapi() -> dict[str, Any]:
+        enabled = auth is not None and auth.enabled
+        public = auth is not None and auth.public_metrics
+        bearer = auth is None or auth.bearer
+        key = (enabled, public, bearer)
+        if key in docs:
+            return docs[key]
+        doc = copy.deepcopy(plain())
+        schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+        error_schema = ErrorBody.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas.update(error_schema.pop("$defs", {}))
+        schemas["ErrorBody"] = error_schema
+        for schema_name in ("HTTPValidationError", "ValidationError"):
+            schemas.pop(schema_name, None)
+        schemes: dict[str, Any] = {
+            "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"}
+        }
+        if bearer:
+            schemes["bearer"] = {"type": "http", "scheme": "bearer"}
+        if enabled:
+            doc["components"]["securitySchemes"] = schemes
+        for path, operations in doc.get("paths", {}).items():
+            for method, op in operations.items():
+                responses = op.setdefault("responses", {})
+                if "422" in responses:
+                    responses["422"] = {
+                        "description": "invalid parameters",
+                        "content": {"application/json": {"schema": error_ref}},
+                    }
+                if not enabled or (path, method) in _OPEN or (path == "/metrics" and public):
+                    continue
+                op["security"] = [{name: []} for name in schemes]
+                for status, what in _AUTH_ERRORS.items():
+                    responses[status] = {
+                        "description": what,
+                        "content": {"application/json": {"schema": error_ref}},
+                    }
+        docs[key] = doc
+        return doc
+
+    api.openapi = openapi  # type: ignore[method-assign]
 
 
 def _raw(status: int, body: bytes) -> Response:

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from loguru import logger
 
 from hestia.api import build_api
+from hestia.auth import Authenticator
 from hestia.backends.base import Backend
 from hestia.config import HestiaConfig
 from hestia.headers import TrustedProxies
@@ -64,14 +65,17 @@ class Gateway:
             }
         )
         self.pool = UpstreamPool()
+        trusted = TrustedProxies(config.server.trusted_proxies)
         self.proxy = Proxy(
             self.registry.get,
             self.pool,
             self.metrics,
             config.logging.access,
-            TrustedProxies(config.server.trusted_proxies),
+            trusted,
         )
-        self.api = build_api(self.registry, self.metrics, self.store)
+        # live reload: self.auth.reconfigure(new_config.auth)
+        self.auth = Authenticator(config.auth, trusted)
+        self.api = build_api(self.registry, self.metrics, self.store, self.auth)
         self._restored: dict[str, StoredService] = {}
         self._snapshot_task: asyncio.Task[None] | None = None
         self._warm_task: asyncio.Task[None] | None = None
@@ -83,6 +87,10 @@ class Gateway:
             await self._lifespan(receive, send)
             return
         route = self.router.resolve(scope)
+        # one attribute check when auth is off; when on, admit answers 401/403/429 itself and
+        # removes the gateway's credential from the headers before anyone else sees them
+        if self.auth.enabled and not await self.auth.admit(scope, receive, send, route):
+            return
         if route is not None:
             await self.proxy.handle(scope, receive, send, route)
             return

@@ -53,12 +53,18 @@ def _serve(args: argparse.Namespace) -> int:
         limits=config.server.limits,
         timeouts=config.server.timeouts,
     )
-    if not _loopback(host):
+    if config.auth.enabled:
+        logger.info(
+            "authentication is on: {} key(s) ({})",
+            len(config.auth.keys),
+            ", ".join(k.name for k in config.auth.keys),
+        )
+    elif not _loopback(host):
         logger.warning(
             "Hestia listens on {}:{} without authentication: anyone who can reach this port "
-            "can wake, use and stop every service behind it. Publish it on this machine only "
-            "(the compose files bind 127.0.0.1 unless HESTIA_BIND is set) or put an "
-            "authenticating proxy in front",
+            "can wake, use and stop every service behind it. Turn on `auth:` in the config "
+            "(see README, Authentication), publish it on this machine only (the compose files "
+            "bind 127.0.0.1 unless HESTIA_BIND is set) or put an authenticating proxy in front",
             host,
             port,
         )

@@ -10,6 +10,7 @@ check and label parsing all read it.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import re
@@ -565,6 +566,144 @@ class DatabaseConfig(_Strict):
     url: Annotated[str, AfterValidator(_check_database_url)] = "sqlite:///data/hestia.db"
 
 
+# ------------------------------------------------------------------ authentication
+_KEY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,62}$")
+_SCOPE = re.compile(r"^(admin|read|service:\*|service:[A-Za-z0-9][A-Za-z0-9_.-]{0,62})$")
+# what an HTTP header (and so a key) can carry: visible ASCII, no spaces
+_HEADER_SAFE = re.compile(r"^[\x21-\x7e]+$")
+
+
+def resolve_secret(value: str, key_path: str) -> str:
+    """`expand_env()` for a secret outside a pydantic validator: the ConfigError names
+    `key_path`, and an empty result is refused (an empty key must never match)."""
+    try:
+        found = str(expand_env(value))
+    except ValueError as exc:
+        raise ConfigError(f"{key_path}: {exc}") from None
+    if not found.strip():
+        raise ConfigError(
+            f"{key_path}: is empty (if it names an environment variable, that variable is empty)"
+        )
+    return found
+
+
+def read_secret_at(path: str, key_path: str) -> str:
+    """`read_secret_file()` outside a pydantic validator: the ConfigError names `key_path`."""
+    try:
+        return str(read_secret_file(path))
+    except ValueError as exc:
+        raise ConfigError(f"{key_path}: {exc}") from None
+
+
+def _lower(value: Any) -> Any:
+    return value.lower() if isinstance(value, str) else value
+
+
+class AuthKeyConfig(_Strict):
+    """One key: its name (in logs and status, never the key), exactly one way to give the key,
+    and what it may do."""
+
+    name: str
+    key: str | None = None  # the key itself, or ${ENV}
+    key_sha256: str | None = None  # the SHA-256 hex digest of the key
+    key_file: str | None = None  # a file holding the key (Docker secrets)
+    scopes: list[str] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> AuthKeyConfig:
+        if not _KEY_NAME.match(self.name):
+            raise ValueError(
+                f"key name {self.name!r}: use letters, digits, '_', '.', '@', '-' (at most 63)"
+            )
+        given = [k for k in ("key", "key_sha256", "key_file") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                f"key {self.name!r}: give exactly one of key, key_sha256, key_file"
+                + (f" (it has {', '.join(given)})" if given else "")
+            )
+        if self.key_sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", self.key_sha256):
+            raise ValueError(
+                f"key {self.name!r}: key_sha256 must be 64 hex digits (printf %s KEY | sha256sum)"
+            )
+        for scope in self.scopes:
+            if not _SCOPE.match(scope):
+                raise ValueError(
+                    f"key {self.name!r}: unknown scope {scope!r}; scopes are admin, read, "
+                    "service:<name> and service:*"
+                )
+        return self
+
+    def digest(self, key_path: str) -> bytes:
+        """SHA-256 of the key, reading the environment or the file now."""
+        if self.key_sha256 is not None:
+            return bytes.fromhex(self.key_sha256)
+        if self.key_file is not None:
+            key = read_secret_at(self.key_file, f"{key_path}.key_file")
+        else:
+            assert self.key is not None
+            key = resolve_secret(self.key, f"{key_path}.key")
+        if not _HEADER_SAFE.match(key):
+            raise ConfigError(
+                f"{key_path}: the key has spaces or characters a header cannot carry "
+                "(use visible ASCII, e.g. from `openssl rand -hex 32`)"
+            )
+        return hashlib.sha256(key.encode("ascii")).digest()
+
+
+class AuthConfig(_Strict):
+    enabled: bool = False
+    keys: list[AuthKeyConfig] = []
+    # `both`: Authorization: Bearer <key> or X-API-Key; `x-api-key`: only X-API-Key, and
+    # Authorization always goes to the services untouched (for services that need it)
+    header: Annotated[Literal["both", "x-api-key"], BeforeValidator(_lower)] = "both"
+    public_metrics: bool = False  # GET /metrics without a key (Prometheus without a token)
+    # signs the session cookies of /login; unset: a random one per start (sessions end then)
+    session_secret: str | None = None
+    _digests: tuple[bytes, ...] | None = PrivateAttr(default=None)
+    _session_key: bytes | None = PrivateAttr(default=None)
+
+    @model_validator(mode="after")
+    def _check(self) -> AuthConfig:
+        names = [k.name for k in self.keys]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:
+            raise ValueError(f"key name(s) used twice: {', '.join(twice)}")
+        if self.enabled and not self.keys:
+            raise ValueError("enabled is true but keys is empty: nobody could get in; add a key")
+        return self
+
+    def load_secrets(self) -> None:
+        """Read every key's ${ENV} or file once (a ConfigError names the key); keys are kept
+        only as SHA-256 digests."""
+        digests = tuple(k.digest(f"auth.keys.{k.name}") for k in self.keys)
+        seen: dict[bytes, str] = {}
+        for k, d in zip(self.keys, digests, strict=True):
+            if d in seen:
+                raise ConfigError(f"auth.keys: {seen[d]!r} and {k.name!r} are the same key")
+            seen[d] = k.name
+        session_key = None
+        if self.session_secret is not None:
+            secret = resolve_secret(self.session_secret, "auth.session_secret")
+            if len(secret) < 16:
+                raise ConfigError("auth.session_secret: use at least 16 characters")
+            session_key = hashlib.sha256(b"hestia-session:" + secret.encode()).digest()
+        self._digests = digests
+        self._session_key = session_key
+
+    def key_digests(self) -> tuple[bytes, ...]:
+        """SHA-256 of each key in `keys`, in order."""
+        if self._digests is None:
+            self.load_secrets()
+        assert self._digests is not None
+        return self._digests
+
+    def session_key(self) -> bytes | None:
+        """The cookie signing key from `session_secret`, or None (generate one)."""
+        if self._digests is None:
+            self.load_secrets()
+        return self._session_key
+
+
 class _Settings(_Strict):
     """Keys a service may set, in `services.<name>` or (all but the instance's identity) in
     `defaults:`."""
@@ -618,6 +757,7 @@ class HestiaConfig(_Strict):
     semaphore: SemaphoreConfig | None = None
     logging: LoggingConfig = LoggingConfig()
     database: DatabaseConfig = DatabaseConfig()
+    auth: AuthConfig = AuthConfig()
     defaults: _Settings = _Settings()
     services: dict[str, _ServiceEntry] = {}
     _source: str | None = PrivateAttr(default=None)
@@ -839,4 +979,8 @@ def parse_config(raw: Any, source: str = "<config>") -> HestiaConfig:
             f"invalid config in {source}: services.{cycle[0]}.depends_on: the dependencies "
             f"form a cycle ({' -> '.join(cycle)})"
         )
+    try:
+        cfg.auth.load_secrets()  # a missing ${ENV} or key_file stops start-up here
+    except ConfigError as exc:
+        raise ConfigError(f"invalid config in {source}: {exc.message}") from None
     return cfg

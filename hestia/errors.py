@@ -19,6 +19,9 @@ HestiaError
  +-- UpstreamTimeout          504  upstream_timeout  (connect / response head / body too slow)
  +-- BackendError             502  backend_error     (Docker said no)
  +-- BadRequest               400  bad_request
+ +-- Unauthorized             401  unauthorized      (no gateway key, or a wrong one)
+ +-- Forbidden                403  forbidden         (a valid key without the scope; CSRF)
+ +-- TooManyAttempts          429  too_many_attempts (repeated failed keys from one address)
 
 An error shared by many waiters (one failed start, 200 held requests) is raised as a fresh copy
 per waiter (`fresh()`), so no instance collects every waiter's traceback.
@@ -156,6 +159,21 @@ class BackendError(HestiaError):
 class BadRequest(HestiaError):
     status = 400
     code = "bad_request"
+
+
+class Unauthorized(HestiaError):
+    status = 401
+    code = "unauthorized"
+
+
+class Forbidden(HestiaError):
+    status = 403
+    code = "forbidden"
+
+
+class TooManyAttempts(HestiaError):
+    status = 429
+    code = "too_many_attempts"
 
 
 async def send_error(

@@ -68,10 +68,12 @@ def remove_dot_segments(path: bytes) -> bytes:
 class Router:
     def resolve(self, scope: Scope) -> Route | None:
         """The service route for this request, or None when it is for the control API."""
-        # ASGI's raw_path carries no query string
         raw: bytes = scope.get("raw_path") or scope["path"].encode("latin-1")
         if not raw.startswith(PREFIX):
             return None
+        query = raw.find(b"?")  # ASGI's raw_path has none; a server that sends it anyway
+        if query >= 0:
+            raw = raw[:query]
         slash = raw.find(b"/", _NAME_AT)
         if slash < 0:
             return Route(raw[_NAME_AT:].decode("latin-1"), b"/", raw)
