@@ -42,7 +42,7 @@ from hestia.config import (
     valid_service_name,
 )
 from hestia.errors import ConfigError, HestiaError, ServiceNotFound
-from hestia.lifecycle import Service, StateListener
+from hestia.lifecycle import Service, State, StateListener
 
 # compose renames the container it replaces to "<12 hex of its id>_<name>"
 _RECREATE_NAME = re.compile(r"^[0-9a-f]{12}_")
@@ -404,6 +404,8 @@ class Registry:
             return
         known = self._known.setdefault(backend_name, {})
         fresh: set[str] = set()
+        # what the service was doing when the news came (the inspect below takes a moment)
+        was_up = svc is not None and svc.state in (State.STARTING, State.READY)
         if event.kind == "destroy":
             known.pop(event.id, None)
         else:
@@ -422,7 +424,10 @@ class Registry:
             fresh.discard(event.id)
             now = known.get(event.id)
             running_now = now is not None and now.running
-            if running_now == (event.kind == "start"):
+            # a death that came while the service was stopping or stopped is that stop's:
+            # a start that began during the inspect must not take it for its instance's
+            stale = event.kind != "start" and not was_up
+            if running_now == (event.kind == "start") and not stale:
                 svc.on_event(event)
         if svc is not None and event.kind == "rename" and _RECREATE_NAME.match(event.name):
             # compose is re-creating it: the new container follows (released when it binds)

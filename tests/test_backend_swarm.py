@@ -178,3 +178,23 @@ def test_service_events() -> None:
     assert created is not None and created.kind == "create"
     assert event_from_raw({**raw, "Type": "container"}) is None
     assert event_from_raw({**raw, "Action": "exec_start"}) is None
+
+
+def test_a_swarm_tasks_container_events_are_left_to_swarm() -> None:
+    from hestia.backends.docker import event_from_raw as container_event
+
+    raw = {
+        "Type": "container",
+        "Action": "start",
+        "Actor": {
+            "ID": "c" * 64,
+            "Attributes": {
+                "name": "stack_web.1.abc",
+                "hestia.enable": "true",
+                "com.docker.swarm.service.id": SID,
+            },
+        },
+    }
+    assert container_event(raw) is None  # the Docker backend never follows it
+    del raw["Actor"]["Attributes"]["com.docker.swarm.service.id"]  # type: ignore[index]
+    assert container_event(raw) is not None

@@ -296,7 +296,8 @@ async def test_one_endpoint_cut_off_the_other_keeps_answering(
         stop = await client.post("/v1/services/near/stop")
         assert stop.status_code == 200
         await wait_for(lambda: containers.state(near) == "exited", 20, "near to stop")
-        assert (await client.get("/services/near/")).status_code == 200
+        r = await client.get("/services/near/")
+        assert r.status_code == 200, r.text
 
         relay.restore()
 

@@ -115,6 +115,7 @@ class SwarmServices:
         replicas: int | None = 0,
         image: str | None = None,
         publish: int | None = None,
+        container_labels: dict[str, str] | None = None,
     ) -> Any:
         import docker.types
 
@@ -133,7 +134,7 @@ class SwarmServices:
             image or self.image,
             name=name,
             labels={TEST_LABEL: RUN_ID, **labels},
-            container_labels={TEST_LABEL: RUN_ID},
+            container_labels={TEST_LABEL: RUN_ID, **(container_labels or {})},
             mode=mode,
             endpoint_spec=endpoint,
             # no restart storm of a failing task while the test looks at it
@@ -276,6 +277,24 @@ async def test_global_mode_is_refused_and_said_so(
     svc.reload()
     assert svc.attrs["Version"]["Index"] == version  # never touched
     assert "Global" in svc.attrs["Spec"]["Mode"]
+
+
+async def test_a_tasks_labelled_container_is_left_to_swarm(
+    swarm_services: SwarmServices, swarm_mode: None
+) -> None:
+    """hestia.* labels on a Swarm task's container (`labels:` instead of `deploy.labels`):
+    the Docker backend must not start or stop it behind Swarm's back."""
+    from hestia.backends.docker import DockerBackend
+
+    scope = _scope()
+    svc = swarm_services.create("tasklabels", {}, replicas=1, container_labels=_labels(scope, "t"))
+    await wait_for(lambda: swarm_services.running_tasks(svc) == 1, 30, "a running task")
+    backend = DockerBackend()
+    try:
+        found = await backend.discover()
+    finally:
+        await backend.close()
+    assert not [i for i in found if i.labels.get("hestia.scope") == scope]
 
 
 async def test_service_labelled_later_is_found_by_its_event(
