@@ -39,9 +39,10 @@ LABEL_PREFIX = "hestia."
 # Backends a service may name with `backend:`. A service with a `container` defaults to
 # docker; a service with only a `url` has no backend (always on, never started or stopped).
 KNOWN_BACKENDS: dict[str, str] = {
-    "docker": "a Docker container on the local engine",
+    "docker": "a Docker container on a Docker engine (`endpoint`: which one)",
     "memory": "instances simulated in memory (tests and demos)",
     "semaphore": "a host-level service started and stopped by Semaphore (Ansible) task templates",
+    "swarm": "a Docker Swarm service, scaled from 0 to `replicas` and back",
 }
 # Backends without containers: their one instance per service is known by the service name.
 INSTANCE_IS_SERVICE = frozenset({"semaphore"})
@@ -61,6 +62,7 @@ LABELS: dict[str, str] = {
     "stop_timeout": "how long a stop waits before the engine kills the container",
     "max_concurrency": "at most this many requests at once; more wait in line",
     "on_start_failure": "`stop` (default) or `leave` what a failed start started",
+    "replicas": "swarm: how many tasks a start scales the service to (default 1)",
     "health.path": "readiness: the path of the HTTP probe",
     "health.status": "readiness: the status the probe expects (default: any below 500)",
     "health.type": "readiness: `auto`, `docker`, `http` or `tcp`",
@@ -312,6 +314,15 @@ BackendName = Annotated[str | None, AfterValidator(_check_backend)]
 Source = Literal["config", "labels", "config+labels"]
 
 
+def backend_key(backend: str | None, endpoint: str | None) -> str | None:
+    """The name a backend goes by in the gateway (its `backends` mapping, the registry, the
+    status): `docker` for the default Docker endpoint, `docker@gpu` for the endpoint `gpu`,
+    `swarm`, `memory`. None: no backend (a plain url)."""
+    if backend is None:
+        return None
+    return f"{backend}@{endpoint}" if endpoint else backend
+
+
 class ServiceConfig(_Strict):
     """A fully resolved service (after defaults, labels and its config entry are merged)."""
 
@@ -356,6 +367,11 @@ class ServiceConfig(_Strict):
     environment: dict[str, Any] | None = None
     # Where the settings came from: the config file, labels, or both (config wins key by key).
     source: Source = "config"
+    # backend docker: which Docker engine (a name under docker.endpoints); None: the default
+    # endpoint (the first one listed, or the local engine when none is listed).
+    endpoint: str | None = None
+    # backend swarm: how many tasks a start scales the service to.
+    replicas: int = Field(default=1, ge=1)
 
     @model_validator(mode="after")
     def _backend_has_an_instance(self) -> ServiceConfig:
@@ -391,7 +407,16 @@ class ServiceConfig(_Strict):
             raise ValueError(
                 f"backend {self.backend!r} needs `container` (the instance to start and stop)"
             )
+        if self.endpoint is not None and self.backend != "docker":
+            raise ValueError(
+                "`endpoint` is for backend docker only (the swarm backend talks to swarm.endpoint)"
+            )
         return self
+
+    @property
+    def backend_key(self) -> str | None:
+        """The name of the backend that runs it in the gateway (see `backend_key()`)."""
+        return backend_key(self.backend, self.endpoint)
 
     @property
     def managed(self) -> bool:
@@ -473,8 +498,50 @@ class ServerConfig(_Strict):
     trusted_proxies: list[Annotated[str, AfterValidator(_check_cidr)]] = []
 
 
+_DOCKER_SCHEMES = ("unix", "tcp", "ssh", "http", "https", "npipe")
+
+
+def _check_docker_url(value: str) -> str:
+    parsed = urlsplit(value)
+    if parsed.scheme not in _DOCKER_SCHEMES or not (parsed.hostname or parsed.path):
+        raise ValueError(
+            f"{value!r} is not a Docker engine address; write e.g. "
+            "unix:///var/run/docker.sock, tcp://HOST:2376 or ssh://USER@HOST"
+        )
+    return value
+
+
+class DockerTLS(_Strict):
+    ca: str | None = None  # CA certificate file the engine's certificate is checked against
+    cert: str | None = None  # client certificate file
+    key: str | None = None  # client key file
+    verify: bool = True
+
+    @model_validator(mode="after")
+    def _pair(self) -> DockerTLS:
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("`cert` and `key` go together (the client certificate and its key)")
+        return self
+
+
+def _endpoint_from_url(value: Any) -> Any:
+    return {"url": value} if isinstance(value, str) else value
+
+
+class DockerEndpoint(_Strict):
+    url: Annotated[str, AfterValidator(_check_docker_url)]
+    tls: DockerTLS | None = None
+    # The address of the engine's machine as Hestia reaches it: published ports are reached
+    # there. Default: 127.0.0.1 for a unix:// socket, else the URL's host name.
+    host: str | None = None
+
+
 class DockerConfig(_Strict):
     enabled: bool = True
+    # Several Docker engines, by name: a URL or {url, tls, host}. The first one listed is the
+    # default endpoint (services without `endpoint:`); none listed: the local engine
+    # (DOCKER_HOST or /var/run/docker.sock).
+    endpoints: dict[str, Annotated[DockerEndpoint, BeforeValidator(_endpoint_from_url)]] = {}
     reconcile_interval: Duration = 30.0
     # Hestia running in a container: its own container id, found automatically when unset.
     self_container: str | None = None
@@ -530,6 +597,13 @@ class SemaphoreConfig(_Strict):
         secret = self.token if self.token is not None else self.token_file
         assert secret is not None  # _one_token
         return secret.get_secret_value()
+
+
+class SwarmConfig(_Strict):
+    enabled: bool = False
+    # The Docker endpoint of a manager node (a name under docker.endpoints); default: the
+    # default endpoint.
+    endpoint: str | None = None
 
 
 class LoggingConfig(_Strict):
@@ -720,11 +794,13 @@ class _Settings(_Strict):
     start: dict[str, Any] | None = None
     strategy: Literal["auto", "block", "page"] | None = None
     wake: dict[str, Any] | None = None
+    replicas: int | None = None
 
 
 class _ServiceEntry(_Settings):
     backend: BackendName = None
     container: str | None = None
+    endpoint: str | None = None
     url: str | None = None
     port: int | None = Field(default=None, ge=1, le=65535)
     keep_warm: bool | None = None
@@ -755,6 +831,7 @@ class HestiaConfig(_Strict):
     docker: DockerConfig = DockerConfig()
     # Present: the semaphore backend runs (services with `backend: semaphore`).
     semaphore: SemaphoreConfig | None = None
+    swarm: SwarmConfig = SwarmConfig()
     logging: LoggingConfig = LoggingConfig()
     database: DatabaseConfig = DatabaseConfig()
     auth: AuthConfig = AuthConfig()
@@ -769,6 +846,12 @@ class HestiaConfig(_Strict):
     def database_url(self) -> str:
         return os.environ.get("HESTIA_DATABASE_URL") or self.database.url
 
+    @property
+    def default_endpoint(self) -> str:
+        """The Docker endpoint of services without `endpoint:`: the first one listed, or
+        `local` (the engine of DOCKER_HOST or /var/run/docker.sock) when none is."""
+        return next(iter(self.docker.endpoints), "local")
+
     def resolve(
         self,
         name: str,
@@ -780,13 +863,16 @@ class HestiaConfig(_Strict):
         """Merge built-ins < defaults < labels < service entry, key by key, and validate.
 
         `instance` and `backend`: the labelled instance this service was discovered on, and
-        the backend that found it, if any.
+        the backend that found it (its key: `docker@gpu` carries the endpoint), if any.
         """
         merged: dict[str, Any] = {"name": name}
         if instance is not None and backend not in INSTANCE_IS_SERVICE:
             merged["container"] = instance  # (the others' instance is the service itself)
         if backend is not None:
-            merged["backend"] = backend
+            kind, _, endpoint = backend.partition("@")
+            merged["backend"] = kind
+            if endpoint:
+                merged["endpoint"] = endpoint
         nested: dict[str, dict[str, Any]] = {key: {} for key in _NESTED}
         layers: list[dict[str, Any]] = [self.defaults.model_dump(exclude_none=True)]
         if labels:
@@ -805,6 +891,16 @@ class HestiaConfig(_Strict):
             ("config+labels" if labels else "config") if entry is not None else "labels"
         )
         where = f"services.{name}" if entry is not None else f"labels of service {name!r}"
+        named = merged.get("endpoint")
+        if named == self.default_endpoint:
+            del merged["endpoint"]  # one name for the default endpoint's backend: `docker`
+        elif named is not None and named not in self.docker.endpoints:
+            known = ", ".join(self.docker.endpoints) or "(none: add them under docker.endpoints)"
+            raise ConfigError(
+                f"invalid config in {self.source or 'labels'}: {where}.endpoint: unknown "
+                f"endpoint {named!r}; endpoints: {known}",
+                service=name,
+            )
         try:
             return ServiceConfig.model_validate(merged)
         except ValidationError as exc:
@@ -952,6 +1048,19 @@ def parse_config(raw: Any, source: str = "<config>") -> HestiaConfig:
         cfg._source = source
     except ValidationError as exc:
         raise ConfigError(_describe(exc, source)) from None
+    for name in cfg.docker.endpoints:
+        if not valid_service_name(str(name)):
+            raise ConfigError(
+                f"invalid config in {source}: docker.endpoints.{name}: an endpoint name uses "
+                "letters, digits, '_', '.', '-' (at most 63 characters)"
+            )
+    swarm_endpoint = cfg.swarm.endpoint
+    if swarm_endpoint not in (None, cfg.default_endpoint, *cfg.docker.endpoints):
+        known = ", ".join(cfg.docker.endpoints) or "(none: add them under docker.endpoints)"
+        raise ConfigError(
+            f"invalid config in {source}: swarm.endpoint: unknown endpoint {swarm_endpoint!r}; "
+            f"endpoints: {known}"
+        )
     for name in cfg.services:
         if not valid_service_name(str(name)):
             raise ConfigError(

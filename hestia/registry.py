@@ -16,6 +16,11 @@ derives the services from it in one place, `_desired()`:
 
 `_apply()` then creates, reconfigures, binds, unbinds and removes services to match. Only
 instances that opted in or that the config file names are ever touched.
+
+Backends go by their key (`config.backend_key`: `docker`, `docker@gpu`, `swarm`): a service's
+`backend_key` says which one runs it. A backend that cannot be reached (its events stream
+broke, or listing its instances failed, also at start-up) makes its services unreachable
+(503 backend_unreachable for what needs the backend) until it answers again; the others go on.
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ from hestia.config import (
 )
 from hestia.errors import ConfigError, HestiaError, ServiceNotFound
 from hestia.groups import Groups
-from hestia.lifecycle import Service, StateListener
+from hestia.lifecycle import Service, State, StateListener
 from hestia.schedule import zone
 from hestia.warmth import Clock
 
@@ -47,6 +52,8 @@ from hestia.warmth import Clock
 _RECREATE_NAME = re.compile(r"^[0-9a-f]{12}_")
 # after that rename, starts wait at most this long for the new container
 RECREATE_RENAME_HOLD_S = 30.0
+# backends with a config section that enables them
+_SECTIONS = ("docker", "swarm")
 
 
 @dataclass
@@ -78,12 +85,17 @@ class Registry:
         self._warned: set[str] = set()
         self._tasks: list[asyncio.Task[None]] = []
         self._grace = config.docker.recreate_grace
-        for name, spec in config.static_services().items():
-            if spec.backend is not None and spec.backend not in self.backends:
+        # why a backend is unreachable now: its events stream broke / its last listing failed
+        self._stream_down: dict[str, str] = {}
+        self._list_down: dict[str, str] = {}
+        self._static = config.static_services()
+        for name, spec in self._static.items():
+            key = spec.backend_key
+            if key is not None and key not in self.backends:
                 raise ConfigError(
                     f"invalid config in {config.source or 'config'}: services.{name}."
-                    f"backend: the {spec.backend!r} backend is not enabled"
-                    + (" (docker.enabled is false)" if spec.backend == "docker" else ""),
+                    f"backend: the {key!r} backend is not enabled"
+                    + (f" ({spec.backend}.enabled is false)" if spec.backend in _SECTIONS else ""),
                     service=name,
                 )
 
@@ -106,7 +118,18 @@ class Registry:
         self._apply(set())
         for name, backend in self.backends.items():
             events = backend.events()  # subscribe first, then list: nothing falls in between
-            await self.reconcile(name)
+            try:
+                await self.reconcile(name)
+            except HestiaError as exc:
+                # one engine down must not keep the gateway (and the other engines) down: its
+                # events stream retries, and `reconnected` (or the periodic reconcile) lists
+                # its instances when it answers
+                logger.error(
+                    "backend {} cannot be reached at start-up: {}; its services answer 503 "
+                    "backend_unreachable until it is back (retrying in the background)",
+                    name,
+                    exc.message,
+                )
             self._tasks.append(
                 asyncio.create_task(self._watch(name, backend, events), name=f"hestia-{name}")
             )
@@ -117,23 +140,39 @@ class Registry:
         """Re-list what the backend(s) have now and bring the services in line."""
         fresh: set[str] = set()
         for name in [backend_name] if backend_name else list(self.backends):
-            backend = self.backends[name]
-            known: dict[str, InstanceInfo] = {}
-            for info in await backend.discover():
-                known[info.id] = info
-            for svc_name in self.config.services:
-                spec = self._spec_for_inspect(svc_name)
-                if spec is None or spec.backend != name or spec.instance is None:
-                    continue
-                svc = self.services.get(svc_name)
-                refs = {spec.instance} | ({svc.instance_id} if svc and svc.instance_id else set())
-                for ref in refs:
-                    with contextlib.suppress(InstanceNotFound):
-                        info = await backend.inspect(ref, spec)
-                        known[info.id] = info
+            try:
+                known = await self._list(name)
+            except HestiaError as exc:
+                self._list_down[name] = exc.message
+                self._apply(fresh)  # its services are unreachable now
+                raise
+            self._list_down.pop(name, None)
             self._known[name] = known
             fresh |= set(known)
         self._apply(fresh)
+
+    async def _list(self, name: str) -> dict[str, InstanceInfo]:
+        backend = self.backends[name]
+        known: dict[str, InstanceInfo] = {}
+        for info in await backend.discover():
+            known[info.id] = info
+        for svc_name in self.config.services:
+            spec = self._spec_for_inspect(svc_name)
+            if spec is None or spec.backend_key != name or spec.instance is None:
+                continue
+            svc = self.services.get(svc_name)
+            refs = {spec.instance} | ({svc.instance_id} if svc and svc.instance_id else set())
+            for ref in refs:
+                with contextlib.suppress(InstanceNotFound):
+                    info = await backend.inspect(ref, spec)
+                    known[info.id] = info
+        return known
+
+    def unreachable(self, backend_name: str | None) -> str | None:
+        """Why the backend cannot be reached now, or None."""
+        if backend_name is None:
+            return None
+        return self._stream_down.get(backend_name) or self._list_down.get(backend_name)
 
     def _spec_for_inspect(self, name: str) -> ServiceConfig | None:
         svc = self.services.get(name)
@@ -152,9 +191,10 @@ class Registry:
         by_name: dict[tuple[str, str], str] = {}  # (backend, instance name) -> service
         for name in config.services:
             spec = config.resolve(name)
-            out[name] = _Desired(spec.backend)
-            if spec.backend is not None and spec.instance is not None:
-                by_name[(spec.backend, spec.instance)] = name
+            key = spec.backend_key
+            out[name] = _Desired(key)
+            if key is not None and spec.instance is not None:
+                by_name[(key, spec.instance)] = name
         for bname, known in self._known.items():
             for info in known.values():
                 if info.is_self:
@@ -242,6 +282,8 @@ class Registry:
         if held is not None and (best.created, best.id) < (held.created, held.id):
             best = held
         want.info = best
+        if best.refused:  # bound, so its status says why; the backend never starts it
+            self._conflict(want, best, best.refused)
 
     def _compose_depends_on(self, backend: str | None, info: InstanceInfo) -> list[str]:
         """Compose's own `depends_on` (the label Compose v2 writes:
@@ -318,6 +360,7 @@ class Registry:
             else:
                 svc.reconfigure(spec, backend)
             svc.conflicts = want.conflicts
+            svc.set_reachable(self.unreachable(want.backend if backend is not None else None))
             if info is None:
                 if svc.instance_id is not None:
                     svc.unbind("its instance is gone")
@@ -372,19 +415,25 @@ class Registry:
             return True
         names = {event.name, event.old_name}
         return any(
-            e.container in names and (e.backend or "docker") == backend_name
-            for e in self.config.services.values()
+            spec.instance in names and spec.backend_key == backend_name
+            for spec in self._static.values()
         )
 
     async def handle_event(self, backend_name: str, event: BackendEvent) -> None:
         backend = self.backends[backend_name]
         if event.kind in ("disconnected", "reconnected"):
-            reason = event.reason if event.kind == "disconnected" else None
+            if event.kind == "disconnected":
+                self._stream_down[backend_name] = event.reason or "its events stream broke"
+            else:
+                self._stream_down.pop(backend_name, None)
             for each in self.services.values():
                 if each.backend is backend:
-                    each.set_reachable(reason)
+                    each.set_reachable(self.unreachable(backend_name))
             if event.kind == "reconnected":
-                await self.reconcile(backend_name)
+                try:
+                    await self.reconcile(backend_name)
+                except HestiaError as exc:
+                    logger.warning("reconcile with {} failed: {}", backend_name, exc.message)
             return
         svc = self._bound(backend_name, event.id)
         if event.kind == "health":
@@ -395,6 +444,8 @@ class Registry:
             return
         known = self._known.setdefault(backend_name, {})
         fresh: set[str] = set()
+        # what the service was doing when the news came (the inspect below takes a moment)
+        was_up = svc is not None and svc.state in (State.STARTING, State.READY)
         if event.kind == "destroy":
             known.pop(event.id, None)
         else:
@@ -413,7 +464,10 @@ class Registry:
             fresh.discard(event.id)
             now = known.get(event.id)
             running_now = now is not None and now.running
-            if running_now == (event.kind == "start"):
+            # a death that came while the service was stopping or stopped is that stop's:
+            # a start that began during the inspect must not take it for its instance's
+            stale = event.kind != "start" and not was_up
+            if running_now == (event.kind == "start") and not stale:
                 svc.on_event(event)
         if svc is not None and event.kind == "rename" and _RECREATE_NAME.match(event.name):
             # compose is re-creating it: the new container follows (released when it binds)

@@ -63,6 +63,10 @@ class InstanceInfo:
     started_at: str | None = None
     # True for the gateway's own instance: never started, stopped or proxied to.
     is_self: bool = False
+    # Why the backend will not manage this instance (a global-mode Swarm service cannot scale
+    # to zero), or "": the registry lists the reason in the service's status (conflicts) and
+    # logs it; the backend reports it not running and refuses to start it, with the reason.
+    refused: str = ""
 
 
 EventKind = Literal[
