@@ -45,7 +45,13 @@ class Gateway:
         self.metrics = Metrics()
         self.store = Store(config.database_url())
         self.router = Router()
-        self.registry = Registry(config, self.backends, self._on_transition, self._on_new_service)
+        self.registry = Registry(
+            config,
+            self.backends,
+            self._on_transition,
+            self._on_new_service,
+            on_routes=self.router.configure,
+        )
         self.metrics.bind_live(
             lambda: {
                 n: (s.in_flight, s.waiting, s.peak_waiting, s.state.value)

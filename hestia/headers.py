@@ -1,12 +1,33 @@
-"""What the proxy changes in headers on the way through, for HTTP and WebSockets alike."""
+"""What the proxy changes in headers on the way through, for HTTP and WebSockets alike.
+
+Requests: hop-by-hop headers go, Host becomes the upstream's address (or stays the client's,
+`preserve_host`), X-Forwarded-* are set. An `Origin` or `Referer` naming the gateway's own
+origin (the Host the browser used) is rewritten to the upstream's address, so that an app's
+same-origin check (Jupyter, Grafana, Home Assistant, code-server) sees what it expects; any
+other origin passes unchanged and the app's CSRF protection still works.
+
+Responses: `Location`, `Content-Location` and `Refresh` that point at the upstream's own
+address, or at an absolute path of an app served under a stripped `/services/<name>` prefix,
+are mapped back to the path the browser uses (nginx's `proxy_redirect`); `Set-Cookie` paths
+are mapped the same way and a `Domain` naming the upstream's host is dropped (nginx's
+`proxy_cookie_path`/`proxy_cookie_domain`), so two services' sessions on one gateway do not
+collide. A response without those headers costs one pass over its header names.
+
+Mapping an upstream path back: the upstream sees `base_path + mount + rest` for the public
+path `prefix + rest` (mount is the prefix when it is not stripped, else nothing).
+"""
 
 from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from hestia.address import Upstream
 from hestia.errors import HestiaError
+
+if TYPE_CHECKING:
+    from hestia.router import Route
 
 HOP_BY_HOP = frozenset(
     {
@@ -30,6 +51,8 @@ _NEVER_DROPPED = frozenset({b"content-length", b"host", b"x-request-id"})
 # X-Forwarded-* that we set ourselves.
 _DROP_REQUEST = HOP_BY_HOP | {
     b"host",
+    b"origin",  # re-added after the loop, rewritten when it is the gateway's own
+    b"referer",
     b"expect",
     b"x-request-id",
     b"x-forwarded-for",
@@ -91,26 +114,39 @@ def upstream_request_headers(
     scheme: str,
     prefix: bytes,
     trusted: bool = False,
+    stripped: bool = True,
+    preserve_host: bool = False,
 ) -> tuple[list[tuple[bytes, bytes]], bool]:
     """Headers to send upstream, and whether the request has a body.
 
     Hop-by-hop headers (and any named in Connection) are removed, Host is rewritten for the
-    upstream, X-Forwarded-For/-Proto/-Host/-Prefix are set: replaced, or, when the peer is a
-    `trusted` proxy, X-Forwarded-For appended to and its -Proto/-Host kept.
+    upstream (kept with `preserve_host`), X-Forwarded-For/-Proto/-Host/-Prefix are set:
+    replaced, or, when the peer is a `trusted` proxy, X-Forwarded-For appended to and its
+    -Proto/-Host kept. `prefix`: the public prefix the app is served under (X-Forwarded-
+    Prefix; b"" by host name); `stripped`: whether the upstream path lacks it. Origin and
+    Referer: see the module docstring.
     """
     drop = _DROP_REQUEST
+    named: frozenset[bytes] | set[bytes] = _NONE
     if any(k == b"connection" for k, _ in headers):
-        drop = drop | _connection_tokens(headers)
+        named = _connection_tokens(headers)
+        drop = drop | named
     out: list[tuple[bytes, bytes]] = [(b"host", upstream.host_header)]
     has_body = False
     original_host = b""
     forwarded_for = b""
     forwarded_proto = b""
     forwarded_host = b""
+    origins: list[tuple[bytes, bytes]] | None = None
     for key, value in headers:
         if key in drop:
             if key == b"host":
                 original_host = value
+            elif key == b"origin" or key == b"referer":
+                if key not in named:
+                    if origins is None:
+                        origins = []
+                    origins.append((key, value))
             elif key == b"transfer-encoding":
                 has_body = True
                 codings = [c.strip().lower() for c in value.split(b",") if c.strip()]
@@ -140,15 +176,213 @@ def upstream_request_headers(
     if forwarded_host or original_host:
         out.append((b"x-forwarded-host", forwarded_host or original_host))
     out.append((b"x-forwarded-prefix", prefix))
+    if preserve_host and original_host:
+        out[0] = (b"host", original_host)
+    if origins is not None:
+        public = (forwarded_host.partition(b",")[0].strip() or original_host).lower()
+        for key, value in origins:
+            if not preserve_host and public:
+                value = _origin_for_upstream(key, value, public, upstream, prefix, stripped)
+            out.append((key, value))
     return out, has_body
+
+
+_NONE: frozenset[bytes] = frozenset()
+_DEFAULT_PORT = {b"http": b":80", b"https": b":443", b"ws": b":80", b"wss": b":443"}
+
+
+def _split_url(value: bytes) -> tuple[bytes, bytes, bytes] | None:
+    """`scheme://authority/rest` -> (scheme lowered, authority lowered without the scheme's
+    default port, rest from the first `/`, `?` or `#`), or None for anything else."""
+    scheme, sep, tail = value.partition(b"://")
+    if not sep or not scheme.isalpha():
+        return None
+    scheme = scheme.lower()
+    end = len(tail)
+    for stop in (b"/", b"?", b"#"):
+        i = tail.find(stop)
+        if 0 <= i < end:
+            end = i
+    authority = tail[:end].lower().removesuffix(_DEFAULT_PORT.get(scheme, b""))
+    return scheme, authority, tail[end:]
+
+
+def _origin_for_upstream(
+    key: bytes, value: bytes, public: bytes, upstream: Upstream, prefix: bytes, stripped: bool
+) -> bytes:
+    """An Origin or Referer on the gateway's own origin (the `public` Host the browser used),
+    as the upstream would see it from itself; anything else unchanged."""
+    parts = _split_url(value.strip())
+    if parts is None:
+        return value  # `null`, or not a URL: the app decides
+    scheme, authority, rest = parts
+    if authority != public.removesuffix(_DEFAULT_PORT.get(scheme, b"")):
+        return value
+    own = b"http://" + upstream.host_header
+    if key == b"origin":
+        return own
+    path, tail = _cut_query(rest)
+    if not path.startswith(b"/"):
+        path = b"/"
+    if prefix and stripped:
+        if not _under(path, prefix):
+            return own + path + tail  # another app's page on the gateway
+        path = path[len(prefix) :] or b"/"
+    return own + upstream.base_path + path + tail
+
+
+def _cut_query(rest: bytes) -> tuple[bytes, bytes]:
+    """`/path?q#f` -> (`/path`, `?q#f`)."""
+    end = len(rest)
+    for stop in (b"?", b"#"):
+        i = rest.find(stop)
+        if 0 <= i < end:
+            end = i
+    return rest[:end], rest[end:]
+
+
+def _under(path: bytes, base: bytes) -> bool:
+    """`path` is `base` or below it, segment-wise (`/a` is under `/a`, `/a/b`, not `/ab`)."""
+    return path.startswith(base) and (len(path) == len(base) or path[len(base)] == 0x2F)
 
 
 # The gateway sends its own X-Request-ID with every answer.
 _DROP_RESPONSE = HOP_BY_HOP | {b"x-request-id"}
 
 
-def downstream_response_headers(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+# Response headers that may name the upstream's paths or address, and Connection: what
+# makes a response need more than the one filtering pass.
+_REWRITTEN = frozenset({b"location", b"content-location", b"refresh", b"set-cookie"})
+_SPECIAL_RESPONSE = _REWRITTEN | {b"connection"}
+
+
+def downstream_response_headers(
+    headers: list[tuple[bytes, bytes]],
+    upstream: Upstream | None = None,
+    route: Route | None = None,
+) -> list[tuple[bytes, bytes]]:
+    """The response's headers for the client: hop-by-hop ones dropped, and (given the
+    `upstream` and the `route` the request took) redirects and cookies mapped back to what
+    the browser sees."""
     drop = _DROP_RESPONSE
-    if any(k == b"connection" for k, _ in headers):
-        drop = drop | _connection_tokens(headers)
-    return [(k, v) for k, v in headers if k not in drop]
+    rewrite = False
+    for k, _ in headers:  # a plain loop: no generator object per response
+        if k in _SPECIAL_RESPONSE:
+            if k == b"connection":
+                drop = _DROP_RESPONSE | _connection_tokens(headers)
+            else:
+                rewrite = True
+    out = [(k, v) for k, v in headers if k not in drop]
+    if rewrite and route is not None and upstream is not None:
+        rewrite_response_headers(out, upstream, route)
+    return out
+
+
+def rewrite_response_headers(
+    headers: list[tuple[bytes, bytes]], upstream: Upstream, route: Route
+) -> None:
+    """Location, Content-Location, Refresh and Set-Cookie mapped back, in place."""
+    for i, (key, value) in enumerate(headers):
+        if key == b"location" or key == b"content-location":
+            new = rewrite_location(value, upstream, route)
+        elif key == b"refresh":
+            new = rewrite_refresh(value, upstream, route)
+        elif key == b"set-cookie":
+            new = rewrite_set_cookie(value, upstream, route)
+        else:
+            continue
+        if new is not value:
+            headers[i] = (key, new)
+
+
+def public_path(path: bytes, upstream: Upstream, route: Route) -> bytes | None:
+    """The path the browser uses for a path the upstream used (absolute, no query), or None
+    when there is none, or when the path is the browser's already (an app that builds its
+    links from X-Forwarded-Prefix)."""
+    if route.stripped and route.prefix and _under(path, route.prefix):
+        return None
+    mount = upstream.base_path + route.mount
+    if mount:
+        if not _under(path, mount):
+            return None
+        path = path[len(mount) :]
+    return route.prefix + path or b"/"
+
+
+def _upstream_authority(authority: bytes, upstream: Upstream) -> bool:
+    return authority == upstream.host_header.lower() or (
+        upstream.port == 80 and authority == b"%s:80" % upstream.host_header.lower()
+    )
+
+
+def rewrite_location(value: bytes, upstream: Upstream, route: Route) -> bytes:
+    """A redirect target as the browser must follow it (the same object when unchanged).
+
+    `http(s)://<upstream address>/x` becomes the path `/x` maps to (a path-only reference:
+    the browser stays on the origin it used); `/x` under a stripped prefix becomes
+    `/services/<name>/x`. Relative references and other sites are left alone."""
+    absolute = False
+    target = value.strip()
+    if target[:1] != b"/":
+        parts = _split_url(target)
+        if parts is None or parts[0] not in (b"http", b"https"):
+            return value
+        if not _upstream_authority(parts[1], upstream):
+            return value
+        target = parts[2] if parts[2][:1] == b"/" else b"/" + parts[2]
+        absolute = True
+    elif target[:2] == b"//":
+        return value  # network-path reference: another host
+    path, tail = _cut_query(target)
+    mapped = public_path(path, upstream, route)
+    if mapped is None:
+        return target if absolute else value
+    new = mapped + tail
+    return value if new == value else new
+
+
+def rewrite_refresh(value: bytes, upstream: Upstream, route: Route) -> bytes:
+    """`Refresh: 5; url=/x` with its URL mapped as a Location."""
+    at = value.lower().find(b"url=")
+    if at < 0:
+        return value
+    head, url = value[: at + 4], value[at + 4 :].strip()
+    quote = url[:1] if url[:1] in (b"'", b'"') else b""
+    if quote and url.endswith(quote) and len(url) > 1:
+        url = url[1:-1]
+    new = rewrite_location(url, upstream, route)
+    return value if new is url else head + quote + new + quote
+
+
+def rewrite_set_cookie(value: bytes, upstream: Upstream, route: Route) -> bytes:
+    """A cookie's `Path` mapped to the path the browser uses (`Path=/` under a stripped
+    prefix becomes `Path=/services/<name>`), and a `Domain` naming the upstream's own host
+    dropped (the cookie is then the public host's). A cookie without a Path needs nothing:
+    the browser scopes it to the public path it requested."""
+    if b";" not in value:
+        return value
+    parts: list[bytes | None] = list(value.split(b";"))
+    changed = False
+    host = upstream.host.lower().encode("latin-1")
+    for i in range(1, len(parts)):
+        part = parts[i]
+        assert part is not None
+        name, _, attr = part.partition(b"=")
+        lname = name.strip().lower()
+        if lname == b"path":
+            path = attr.strip()
+            if not path.startswith(b"/"):
+                continue
+            mapped = public_path(path, upstream, route)
+            if mapped is None or mapped == path:
+                continue
+            if route.prefix and mapped == route.prefix + b"/":
+                mapped = route.prefix  # matches /services/a and below, not /services/ab
+            parts[i] = b" Path=" + mapped
+            changed = True
+        elif lname == b"domain" and attr.strip().lstrip(b".").lower() == host:
+            parts[i] = None
+            changed = True
+    if not changed:
+        return value
+    return b";".join(p for p in parts if p is not None)
