@@ -62,7 +62,9 @@ class OriginCheckingApp:
             await send({"type": "websocket.close", "code": 1000})
             return
         path = scope["path"]
-        status, extra, body = 200, [], json.dumps({"path": path, "host": headers["host"]})
+        status = 200
+        extra: list[tuple[bytes, bytes]] = []
+        body = json.dumps({"path": path, "host": headers["host"]})
         if scope["method"] == "POST" and not self._same_origin(headers):
             status, body = 403, "cross-origin POST refused"
         elif path.endswith("/login-redirect"):
