@@ -46,7 +46,7 @@ class OriginCheckingApp:
         if scope["type"] == "websocket":
             await receive()  # connect
             if not self._same_origin(headers):
-                body = b'{"message": "origin mismatch"}'
+                refusal = b'{"message": "origin mismatch"}'
                 await send(
                     {
                         "type": "websocket.http.response.start",
@@ -54,7 +54,7 @@ class OriginCheckingApp:
                         "headers": [(b"content-type", b"application/json")],
                     }
                 )
-                await send({"type": "websocket.http.response.body", "body": body})
+                await send({"type": "websocket.http.response.body", "body": refusal})
                 return
             await send({"type": "websocket.accept"})
             msg = await receive()
