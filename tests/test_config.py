@@ -9,6 +9,7 @@ from hestia.config import (
     labels_to_settings,
     load_config,
     parse_config,
+    parse_config_text,
     parse_duration,
     service_name_from_labels,
 )
@@ -295,3 +296,12 @@ def test_two_services_claiming_one_host_name_is_an_error() -> None:
 def test_hosts_are_per_service_only() -> None:
     with pytest.raises(ConfigError, match=r"defaults\.hosts"):
         parse_config({"defaults": {"hosts": ["x.example"]}})
+
+
+def test_the_readme_config_example_loads() -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    example = readme.split("```yaml\n", 1)[1].split("```", 1)[0]
+    cfg = parse_config_text(example, source="README.md")
+    assert cfg.routing.subdomains is False
+    jupyter = cfg.resolve("jupyter")
+    assert (jupyter.hosts, jupyter.strip_prefix) == (("jupyter.home.arpa",), False)

@@ -209,6 +209,13 @@ async def test_preserve_host_sends_the_clients_host_and_origin(
     assert r.status_code == 200
     assert r.json()["host"] == host
     assert upstream.seen[-1]["origin"] == f"http://{host}"
+    async with ws_connect(
+        f"ws://{host}/ws", host="127.0.0.1", port=gw.port, origin=Origin(f"http://{host}")
+    ) as ws:
+        await ws.send("kept")
+        assert await ws.recv() == "echo:kept"
+    assert upstream.seen[-1]["type"] == "websocket"
+    assert (upstream.seen[-1]["host"], upstream.seen[-1]["origin"]) == (host, f"http://{host}")
 
 
 async def test_redirects_and_cookies_are_mapped_back(gw: Any) -> None:
