@@ -179,7 +179,7 @@ def upstream_request_headers(
     if preserve_host and original_host:
         out[0] = (b"host", original_host)
     if origins is not None:
-        public = (forwarded_host.partition(b",")[0].strip() or original_host).lower()
+        public = forwarded_host.partition(b",")[0].strip() if forwarded_host else original_host
         for key, value in origins:
             if not preserve_host and public:
                 value = _origin_for_upstream(key, value, public, upstream, prefix, stripped)
@@ -188,56 +188,81 @@ def upstream_request_headers(
 
 
 _NONE: frozenset[bytes] = frozenset()
-_DEFAULT_PORT = {b"http": b":80", b"https": b":443", b"ws": b":80", b"wss": b":443"}
+_DEFAULT_PORT = {b"http": b":80", b"https": b":443"}
 
 
-def _split_url(value: bytes) -> tuple[bytes, bytes, bytes] | None:
-    """`scheme://authority/rest` -> (scheme lowered, authority lowered without the scheme's
-    default port, rest from the first `/`, `?` or `#`), or None for anything else."""
-    scheme, sep, tail = value.partition(b"://")
-    if not sep or not scheme.isalpha():
-        return None
-    scheme = scheme.lower()
-    end = len(tail)
+def _same_authority(authority: bytes, public: bytes, scheme: bytes) -> bool:
+    """`authority` of a URL and the Host `public`, compared as the same origin's would be:
+    case-insensitively and with the scheme's default port or without it."""
+    default = _DEFAULT_PORT.get(scheme, b"")
+    return authority.lower().removesuffix(default) == public.lower().removesuffix(default)
+
+
+def _scheme_end(value: bytes) -> int:
+    """Where the authority of an http(s) URL starts, or 0 for anything else."""
+    head = value[:8].lower()
+    if head.startswith(b"http://"):
+        return 7
+    if head == b"https://":
+        return 8
+    return 0
+
+
+def _authority_end(value: bytes, start: int) -> int:
+    end = len(value)
     for stop in (b"/", b"?", b"#"):
-        i = tail.find(stop)
-        if 0 <= i < end:
+        i = value.find(stop, start, end)
+        if i >= 0:
             end = i
-    authority = tail[:end].lower().removesuffix(_DEFAULT_PORT.get(scheme, b""))
-    return scheme, authority, tail[end:]
+    return end
 
 
 def _origin_for_upstream(
     key: bytes, value: bytes, public: bytes, upstream: Upstream, prefix: bytes, stripped: bool
 ) -> bytes:
     """An Origin or Referer on the gateway's own origin (the `public` Host the browser used),
-    as the upstream would see it from itself; anything else unchanged."""
-    parts = _split_url(value.strip())
-    if parts is None:
-        return value  # `null`, or not a URL: the app decides
-    scheme, authority, rest = parts
-    if authority != public.removesuffix(_DEFAULT_PORT.get(scheme, b"")):
+    as the upstream would see it from itself; anything else unchanged.
+
+    Browsers send both with a lower-case scheme and host and a path: that case is a few byte
+    comparisons (a Referer comes with nearly every request a page makes)."""
+    if value.startswith(b"http://"):
+        start = 7
+    elif value.startswith(b"https://"):
+        start = 8
+    else:
+        start = _scheme_end(value)
+        if not start:
+            return value  # `null`, another scheme: the app decides
+    end = value.find(b"/", start)
+    if end < 0:
+        end = _authority_end(value, start)
+    authority = value[start:end]
+    if authority != public and not _same_authority(authority, public, value[: start - 3]):
         return value
     own = b"http://" + upstream.host_header
     if key == b"origin":
         return own
-    path, tail = _cut_query(rest)
-    if not path.startswith(b"/"):
-        path = b"/"
+    rest = value[end:]
+    if rest[:1] != b"/":
+        rest = b"/" + rest
     if prefix and stripped:
-        if not _under(path, prefix):
-            return own + path + tail  # another app's page on the gateway
-        path = path[len(prefix) :] or b"/"
-    return own + upstream.base_path + path + tail
+        n = len(prefix)
+        if not rest.startswith(prefix) or (len(rest) > n and rest[n] not in b"/?#"):
+            return own + rest  # another app's page on the gateway
+        rest = rest[n:]
+        if rest[:1] != b"/":
+            rest = b"/" + rest
+    return own + upstream.base_path + rest
 
 
 def _cut_query(rest: bytes) -> tuple[bytes, bytes]:
     """`/path?q#f` -> (`/path`, `?q#f`)."""
     end = len(rest)
-    for stop in (b"?", b"#"):
-        i = rest.find(stop)
-        if 0 <= i < end:
-            end = i
+    if b"?" in rest or b"#" in rest:
+        for stop in (b"?", b"#"):
+            i = rest.find(stop, 0, end)
+            if i >= 0:
+                end = i
     return rest[:end], rest[end:]
 
 
@@ -310,9 +335,11 @@ def public_path(path: bytes, upstream: Upstream, route: Route) -> bytes | None:
 
 
 def _upstream_authority(authority: bytes, upstream: Upstream) -> bool:
-    return authority == upstream.host_header.lower() or (
-        upstream.port == 80 and authority == b"%s:80" % upstream.host_header.lower()
-    )
+    if authority == upstream.host_header:
+        return True
+    authority = authority.lower()
+    own = upstream.host_header.lower()
+    return authority == own or (upstream.port == 80 and authority == own + b":80")
 
 
 def rewrite_location(value: bytes, upstream: Upstream, route: Route) -> bytes:
@@ -321,18 +348,24 @@ def rewrite_location(value: bytes, upstream: Upstream, route: Route) -> bytes:
     `http(s)://<upstream address>/x` becomes the path `/x` maps to (a path-only reference:
     the browser stays on the origin it used); `/x` under a stripped prefix becomes
     `/services/<name>/x`. Relative references and other sites are left alone."""
-    absolute = False
     target = value.strip()
-    if target[:1] != b"/":
-        parts = _split_url(target)
-        if parts is None or parts[0] not in (b"http", b"https"):
+    absolute = False
+    if target[:1] == b"/":
+        if target[:2] == b"//":
+            return value  # network-path reference: another host
+        if not route.prefix and not upstream.base_path:
+            return value  # served at the root: its paths are the browser's
+    else:
+        start = _scheme_end(target)
+        if not start:
+            return value  # relative, or another scheme
+        end = _authority_end(target, start)
+        if not _upstream_authority(target[start:end], upstream):
             return value
-        if not _upstream_authority(parts[1], upstream):
-            return value
-        target = parts[2] if parts[2][:1] == b"/" else b"/" + parts[2]
+        target = target[end:]
+        if target[:1] != b"/":
+            target = b"/" + target
         absolute = True
-    elif target[:2] == b"//":
-        return value  # network-path reference: another host
     path, tail = _cut_query(target)
     mapped = public_path(path, upstream, route)
     if mapped is None:
@@ -359,7 +392,8 @@ def rewrite_set_cookie(value: bytes, upstream: Upstream, route: Route) -> bytes:
     prefix becomes `Path=/services/<name>`), and a `Domain` naming the upstream's own host
     dropped (the cookie is then the public host's). A cookie without a Path needs nothing:
     the browser scopes it to the public path it requested."""
-    if b";" not in value:
+    lowered = value.lower()
+    if b"path" not in lowered and b"domain" not in lowered:
         return value
     parts: list[bytes | None] = list(value.split(b";"))
     changed = False

@@ -38,6 +38,9 @@ BASE_URL = Route("app", b"/services/app/x", b"/services/app", stripped=False)
         # an absolute path of an app under a stripped prefix
         (BY_PATH, b"/login", b"/services/app/login"),
         (BY_PATH, b"/login?next=%2Ftree", b"/services/app/login?next=%2Ftree"),
+        (BY_PATH, b"/a/b/c?x=/y#z/w", b"/services/app/a/b/c?x=/y#z/w"),
+        (BY_PATH, b"http://127.0.0.1:8888/a/b?next=/c", b"/services/app/a/b?next=/c"),
+        (BY_PATH, b"http://127.0.0.1:8888?x", b"/services/app/?x"),
         (BY_PATH, b"/", b"/services/app/"),
         # already the browser's path (the app reads X-Forwarded-Prefix): unchanged
         (BY_PATH, b"/services/app/login", b"/services/app/login"),
@@ -125,6 +128,7 @@ def test_refresh(refresh: bytes, expected: bytes) -> None:
         (BY_HOST, b"a=1; Domain=127.0.0.1; Path=/", b"a=1; Path=/"),
         (BY_PATH, b"a=1; domain=.127.0.0.1", b"a=1"),
         (BY_PATH, b"a=1; Domain=example.com", b"a=1; Domain=example.com"),
+        (BY_PATH, b"a=1; path = /x", b"a=1; Path=/services/app/x"),  # RFC 6265 trims
         # a value with '=' and quoted parts survives byte for byte
         (BY_PATH, b'a="x=y;"; Path=/', b'a="x=y;"; Path=/services/app'),
         (BY_PATH, b"a=1; Expires=Wed, 21 Oct 2015 07:28:00 GMT; Path=/", None),
@@ -235,6 +239,12 @@ def test_referer_maps_under_the_base_path_and_keeps_other_pages() -> None:
     # the referring page is another app on the gateway: only the origin changes
     sent = _sent([(b"host", b"gw"), (b"referer", b"http://gw/services/other/a")])
     assert sent[b"referer"] == b"http://127.0.0.1:8888/services/other/a"
+    sent = _sent([(b"host", b"gw"), (b"referer", b"http://gw/services/apple/a")])
+    assert sent[b"referer"] == b"http://127.0.0.1:8888/services/apple/a"
+    sent = _sent([(b"host", b"gw"), (b"referer", b"http://gw/services/app?x=/y")])
+    assert sent[b"referer"] == b"http://127.0.0.1:8888/?x=/y"
+    sent = _sent([(b"host", b"gw"), (b"referer", b"http://gw?x")])
+    assert sent[b"referer"] == b"http://127.0.0.1:8888/?x"
     # by host name (nothing stripped) and with a base URL (nothing stripped either)
     sent = _sent([(b"host", b"gw"), (b"referer", b"http://gw/lab")], prefix=b"")
     assert sent[b"referer"] == b"http://127.0.0.1:8888/lab"
