@@ -263,3 +263,18 @@ async def test_a_managed_service_reached_by_host_name_starts_and_is_counted(
         assert gw.gateway.metrics.service("notes").cold_starts == 1
     finally:
         await backend.close()
+
+
+async def test_the_websocket_relay_never_goes_through_an_http_proxy(
+    gw: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a proxy variable in Hestia's environment (set for image pulls, say) must not send the
+    # relay to a service's private address through it
+    dead = f"http://127.0.0.1:{free_port()}"
+    for var in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.setenv(var, dead)
+    for var in ("no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    async with ws_connect(f"ws://127.0.0.1:{gw.port}/services/web/ws", proxy=None) as ws:
+        await ws.send("direct")
+        assert await ws.recv() == "echo:direct"
