@@ -56,7 +56,12 @@ class Gateway:
         self.store = Store(config.database_url())
         self.router = Router()
         self.registry = Registry(
-            config, self.backends, self._on_transition, self._on_new_service, clock=clock
+            config,
+            self.backends,
+            self._on_transition,
+            self._on_new_service,
+            clock=clock,
+            on_routes=self.router.configure,
         )
         self.metrics.bind_live(
             lambda: {

@@ -79,7 +79,14 @@ LABELS: dict[str, str] = {
     "exclusive_group": "at most one service of this group runs at a time",
     "wake.ignore_paths": "path globs that never wake the service, `,`-separated",
     "wake.ignore_user_agents": "a User-Agent regex that never wakes the service",
+    "host": "host names the service is reached by, comma-separated (`jupyter.home.arpa`): "
+    "every path on them goes to the service",
+    "preserve_host": "`true`: send the client's Host upstream instead of the upstream's address",
+    "strip_prefix": "`false`: send the full `/services/<name>/...` path upstream (apps with a "
+    "base URL setting); default `true`",
 }
+# labels whose settings key is named otherwise
+_LABEL_KEYS = {"host": "hosts"}
 _IDENTITY_LABELS = frozenset({"enable", "service", "scope"})
 # service settings that are mappings, merged key by key across the layers
 _NESTED = ("health", "timeouts", "idle_auto", "queue", "start", "wake")
@@ -87,6 +94,8 @@ _NESTED = ("health", "timeouts", "idle_auto", "queue", "start", "wake")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+# a DNS host name (RFC 1123 labels; an IPv4 address passes too), lower case, no trailing dot
+_HOST_LABEL = re.compile(r"^[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?$")
 
 
 def parse_duration(value: Any) -> float:
@@ -176,6 +185,38 @@ def _not_empty(value: SecretStr) -> SecretStr:
 
 EnvSecret = Annotated[SecretStr, BeforeValidator(expand_env), AfterValidator(_not_empty)]
 FileSecret = Annotated[SecretStr, BeforeValidator(read_secret_file)]
+
+
+def normalize_host(value: str) -> str:
+    """A host name as routing compares it: lower case, without a trailing dot; ValueError
+    (saying what to write) for anything else, such as a port, a scheme or a path."""
+    host = value.strip().lower().removesuffix(".")
+    labels = host.split(".")
+    if not host or len(host) > 253 or not all(_HOST_LABEL.match(label) for label in labels):
+        raise ValueError(
+            f"{value!r} is not a host name; write a name such as jupyter.home.arpa or "
+            "jupyter.localhost (letters, digits, '-', dots; no scheme, port or path)"
+        )
+    return host
+
+
+def _parse_hosts(value: Any) -> Any:
+    """`hosts:` as a list, or a label's comma-separated string -> normalized, de-duplicated."""
+    if isinstance(value, str):
+        value = [part for part in value.split(",") if part.strip()]
+    if not isinstance(value, list | tuple):
+        return value  # pydantic says what is wrong
+    out: list[str] = []
+    for item in value:
+        if not isinstance(item, str):
+            raise ValueError(f"{item!r} is not a host name")
+        host = normalize_host(item)
+        if host not in out:
+            out.append(host)
+    return tuple(out)
+
+
+Hosts = Annotated[tuple[str, ...], BeforeValidator(_parse_hosts)]
 
 
 class _Strict(BaseModel):
@@ -365,6 +406,14 @@ class ServiceConfig(_Strict):
     start_template: TemplateRef = None
     stop_template: TemplateRef = None
     environment: dict[str, Any] | None = None
+    # Host names that route to this service, every path (beside /services/<name>/).
+    hosts: Hosts = ()
+    # Send the client's Host upstream (the app then sees the name the browser used) instead of
+    # the upstream's own address; Origin and Referer are left as the browser sent them.
+    preserve_host: bool = False
+    # Path routing: strip /services/<name> (true), or send the full path for apps that are
+    # configured with that base URL (Jupyter base_url, Grafana root_url).
+    strip_prefix: bool = True
     # Where the settings came from: the config file, labels, or both (config wins key by key).
     source: Source = "config"
     # backend docker: which Docker engine (a name under docker.endpoints); None: the default
@@ -795,6 +844,8 @@ class _Settings(_Strict):
     strategy: Literal["auto", "block", "page"] | None = None
     wake: dict[str, Any] | None = None
     replicas: int | None = None
+    preserve_host: bool | None = None
+    strip_prefix: bool | None = None
 
 
 class _ServiceEntry(_Settings):
@@ -810,6 +861,7 @@ class _ServiceEntry(_Settings):
     start_template: TemplateRef = None
     stop_template: TemplateRef = None
     environment: dict[str, Any] | None = None
+    hosts: Hosts | None = None
 
 
 class ScheduleConfig(_Strict):
@@ -825,6 +877,27 @@ class ScheduleConfig(_Strict):
         return self
 
 
+def _check_domain(value: str | None) -> str | None:
+    return None if value is None else normalize_host(value)
+
+
+class RoutingConfig(_Strict):
+    # Every service is also reachable as <name>.localhost (browsers resolve *.localhost to
+    # loopback) and, with `domain`, as <name>.<domain>.
+    subdomains: bool = False
+    domain: Annotated[str | None, AfterValidator(_check_domain)] = None
+
+    def subdomain_hosts(self, name: str) -> tuple[str, ...]:
+        """The host names `subdomains: true` gives service `name` (none when it is off, or
+        when the name is not a valid host label, e.g. with a dot)."""
+        label = name.lower()
+        if not self.subdomains or not _HOST_LABEL.match(label):
+            return ()
+        if self.domain is None:
+            return (f"{label}.localhost",)
+        return (f"{label}.localhost", f"{label}.{self.domain}")
+
+
 class HestiaConfig(_Strict):
     server: ServerConfig = ServerConfig()
     schedule: ScheduleConfig = ScheduleConfig()
@@ -835,6 +908,7 @@ class HestiaConfig(_Strict):
     logging: LoggingConfig = LoggingConfig()
     database: DatabaseConfig = DatabaseConfig()
     auth: AuthConfig = AuthConfig()
+    routing: RoutingConfig = RoutingConfig()
     defaults: _Settings = _Settings()
     services: dict[str, _ServiceEntry] = {}
     _source: str | None = PrivateAttr(default=None)
@@ -919,6 +993,7 @@ def labels_to_settings(labels: dict[str, str]) -> dict[str, Any]:
         field = key[len(LABEL_PREFIX) :]
         if field not in LABELS or field in _IDENTITY_LABELS:
             continue
+        field = _LABEL_KEYS.get(field, field)
         group, dot, key = field.partition(".")
         if dot:
             out.setdefault(group, {})[key] = value
@@ -1092,4 +1167,28 @@ def parse_config(raw: Any, source: str = "<config>") -> HestiaConfig:
         cfg.auth.load_secrets()  # a missing ${ENV} or key_file stops start-up here
     except ConfigError as exc:
         raise ConfigError(f"invalid config in {source}: {exc.message}") from None
+    _check_unique_hosts(cfg, source)
     return cfg
+
+
+def _check_unique_hosts(cfg: HestiaConfig, source: str) -> None:
+    """One host name, one service: two `services:` entries claiming one is an error (labels
+    that do are conflicts, see the registry)."""
+    owner: dict[str, str] = {}
+    for name, entry in cfg.services.items():
+        for host in entry.hosts or ():
+            if host in owner:
+                raise ConfigError(
+                    f"invalid config in {source}: services.{name}.hosts: {host!r} is already in "
+                    f"services.{owner[host]}.hosts; a host name routes to one service"
+                )
+            owner[host] = name
+    for name in cfg.services:
+        for host in cfg.routing.subdomain_hosts(name):
+            other = owner.get(host)
+            if other is not None and other != name:
+                raise ConfigError(
+                    f"invalid config in {source}: services.{other}.hosts: {host!r} is service "
+                    f"{name!r}'s own name under routing.subdomains; a host name routes to one "
+                    "service"
+                )

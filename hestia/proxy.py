@@ -1,4 +1,5 @@
-"""The data plane: `/services/{name}/{path}` proxied to the service, pure ASGI.
+"""The data plane: what the router routed to a service (by `/services/{name}/{path}` or by
+one of its host names) proxied to it, pure ASGI.
 
 HTTP goes through the lean pooled HTTP/1.1 client in `hestia.upstream`; bodies stream both
 ways without buffering; a client that goes away closes the upstream connection (that is what
@@ -304,6 +305,8 @@ class Proxy:
                 scheme=scope.get("scheme", "http"),
                 prefix=route.prefix,
                 trusted=bool(self._trusted) and self._trusted.trusts(client_ip),
+                stripped=route.stripped,
+                preserve_host=service.config.preserve_host,
             )
         except HestiaError as bad:
             bad.service = name
@@ -365,7 +368,7 @@ class Proxy:
                 await send_error(send, err, [(b"x-request-id", ex.request_id)])
                 return None
             try:
-                resp_headers = downstream_response_headers(resp.headers)
+                resp_headers = downstream_response_headers(resp.headers, upstream, route)
                 resp_headers.append((b"x-request-id", ex.request_id))
                 ex.status = resp.status
                 await send(

@@ -21,6 +21,12 @@ Backends go by their key (`config.backend_key`: `docker`, `docker@gpu`, `swarm`)
 `backend_key` says which one runs it. A backend that cannot be reached (its events stream
 broke, or listing its instances failed, also at start-up) makes its services unreachable
 (503 backend_unreachable for what needs the backend) until it answers again; the others go on.
+
+The routing table (host names, `strip_prefix: false`) follows the services: recomputed after
+every `_apply()` and removal and handed to the router (`on_routes`). One host name, one
+service: a host in the config file's `services.<name>.hosts` wins over a `hestia.host` label,
+which wins over a `routing.subdomains` name; between equals, the service that has it now,
+else the name that sorts first. Every loser is logged once and listed under its `conflicts`.
 """
 
 from __future__ import annotations
@@ -71,10 +77,15 @@ class Registry:
         on_transition: StateListener | None = None,
         on_new_service: Callable[[Service], None] | None = None,
         clock: Clock | None = None,
+        on_routes: Callable[[dict[str, str], frozenset[str]], None] | None = None,
     ) -> None:
         self.config = config
         self.clock: Clock = clock or (lambda: datetime.now(UTC))
         self._tz = zone(config.schedule.timezone)
+        self._on_routes = on_routes
+        self.hosts: dict[str, str] = {}  # host name -> service
+        self._keep_prefix: frozenset[str] = frozenset()
+        self._host_conflicts: dict[str, set[str]] = {}  # service -> its keys in conflicts
         self.backends = dict(backends)
         self._on_transition = on_transition
         self._on_new_service = on_new_service
@@ -374,6 +385,7 @@ class Registry:
                 self._removals[name] = asyncio.get_running_loop().call_later(
                     self._grace, self._remove, name
                 )
+        self._publish_routes()
 
     def _remove(self, name: str) -> None:
         self._removals.pop(name, None)
@@ -382,6 +394,51 @@ class Registry:
             return
         svc.remove("its instance is gone or no longer opted in, and none replaced it")
         logger.info("service {} removed: its instance is gone or no longer opted in", name)
+        self._publish_routes()
+
+    # ---------------------------------------------------------------- routing table
+    def _publish_routes(self) -> None:
+        """Recompute host name -> service and hand it to the router when it changed."""
+        # (kind, not the holder now, name): config file < label < subdomain name
+        claims: dict[str, list[tuple[int, bool, str]]] = {}
+        for name in sorted(self.services):
+            svc = self.services[name]
+            entry = self.config.services.get(name)
+            in_config = set(entry.hosts or ()) if entry is not None else set()
+            explicit = svc.config.hosts
+            for host in (*explicit, *self.config.routing.subdomain_hosts(name)):
+                kind = (0 if host in in_config else 1) if host in explicit else 2
+                claims.setdefault(host, []).append((kind, self.hosts.get(host) != name, name))
+        hosts: dict[str, str] = {}
+        lost: dict[str, dict[str, str]] = {}
+        for host, contenders in claims.items():
+            contenders.sort()
+            winner = contenders[0][2]
+            hosts[host] = winner
+            for *_, loser in contenders[1:]:
+                if loser == winner:
+                    continue
+                why = (
+                    f"claims host name {host!r}, which service {winner!r} has; a host name "
+                    "routes to one service: change its hestia.host label or hosts"
+                )
+                lost.setdefault(loser, {})[f"host {host}"] = why
+                self._warn_once(f"host:{host}:{loser}:{winner}", f"service {loser!r} {why}")
+        for name, svc in self.services.items():
+            old = self._host_conflicts.pop(name, set())
+            mine = lost.get(name, {})
+            if old or mine:
+                conflicts = {k: v for k, v in svc.conflicts.items() if k not in old}
+                conflicts.update(mine)
+                svc.conflicts = conflicts
+            if mine:
+                self._host_conflicts[name] = set(mine)
+        keep = frozenset(n for n, s in self.services.items() if not s.config.strip_prefix)
+        if hosts != self.hosts or keep != self._keep_prefix:
+            self.hosts = hosts
+            self._keep_prefix = keep
+            if self._on_routes is not None:
+                self._on_routes(dict(hosts), keep)
 
     # ---------------------------------------------------------------- events
     async def _watch(

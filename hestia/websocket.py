@@ -1,12 +1,18 @@
 """WebSockets through the proxy: the upstream handshake first, then messages relayed both
 ways until either side closes. An open WebSocket counts as a request in flight, so the idle
-timer never cuts it."""
+timer never cuts it.
+
+A service that refuses the upgrade (an origin check's 403, a login redirect, a 404) is
+answered with its own status, headers and body, so a client can tell "refused" from "down"
+(502 is only for a service that could not be reached or answered nonsense).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 from collections.abc import Callable
+from http import HTTPStatus
 
 from loguru import logger
 from websockets.asyncio.client import ClientConnection, connect
@@ -15,7 +21,11 @@ from websockets.typing import Subprotocol
 
 from hestia.address import Upstream
 from hestia.errors import HestiaError, ServiceNotFound, UpstreamUnreachable, send_error
-from hestia.headers import TrustedProxies, upstream_request_headers
+from hestia.headers import (
+    TrustedProxies,
+    downstream_response_headers,
+    upstream_request_headers,
+)
 from hestia.lifecycle import Service
 from hestia.router import Route
 from hestia.types import Receive, Scope, Send
@@ -40,7 +50,7 @@ async def relay_websocket(
         await _reject(scope, send, err)
         return
     try:
-        await _relay(scope, receive, send, route, upstream, trusted)
+        await _relay(scope, receive, send, route, upstream, trusted, service.config.preserve_host)
     finally:
         service.release()
 
@@ -52,11 +62,11 @@ async def _relay(
     route: Route,
     upstream: Upstream,
     trusted: TrustedProxies,
+    preserve_host: bool,
 ) -> None:
     name = route.service
     query: bytes = scope.get("query_string", b"")
     target = (upstream.base_path + route.path + (b"?" + query if query else b"")).decode("latin-1")
-    uri = f"ws://{upstream.host_header.decode('latin-1')}{target}"
     client = scope.get("client")
     client_ip = client[0] if client else None
     try:
@@ -67,10 +77,14 @@ async def _relay(
             scheme="https" if scope.get("scheme") == "wss" else "http",
             prefix=route.prefix,
             trusted=trusted.trusts(client_ip),
+            stripped=route.stripped,
+            preserve_host=preserve_host,
         )
     except HestiaError as err:
         await _reject(scope, send, err)
         return
+    # the handshake's Host comes from the URI (the connection goes to host/port below)
+    uri = f"ws://{headers[0][1].decode('latin-1')}{target}"
     extra = [
         (k.decode("latin-1"), v.decode("latin-1"))
         for k, v in headers
@@ -91,13 +105,10 @@ async def _relay(
             open_timeout=30,
             host=upstream.host,
             port=upstream.port,
+            proxy=None,  # the address is the service's: never via an HTTP(S)_PROXY
         )
     except InvalidStatus as exc:
-        refused = UpstreamUnreachable(
-            f"service {name!r} refused the WebSocket upgrade: HTTP {exc.response.status_code}",
-            service=name,
-        )
-        await _reject(scope, send, refused)
+        await _pass_refusal(scope, send, route, upstream, exc)
         return
     except (OSError, TimeoutError, WebSocketException) as exc:
         unreachable = UpstreamUnreachable(
@@ -116,6 +127,39 @@ async def _relay(
         for t in pending:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
+
+
+async def _pass_refusal(
+    scope: Scope, send: Send, route: Route, upstream: Upstream, exc: InvalidStatus
+) -> None:
+    """The service's own answer to the upgrade, passed on (redirects and cookies mapped)."""
+    response = exc.response
+    status = response.status_code
+    logger.info(
+        "WebSocket to {} refused by service {!r}: HTTP {} (passed on)",
+        scope.get("path"),
+        route.service,
+        status,
+    )
+    if "websocket.http.response" not in scope.get("extensions", {}) or status not in _STATUSES:
+        refused = UpstreamUnreachable(
+            f"service {route.service!r} refused the WebSocket upgrade: HTTP {status}",
+            service=route.service,
+        )
+        await _reject(scope, send, refused)
+        return
+    raw = [
+        (k.lower().encode("latin-1"), v.encode("latin-1"))
+        for k, v in response.headers.raw_items()
+        if k.lower() != "content-length"  # the body was decoded: the server counts it
+    ]
+    headers = downstream_response_headers(raw, upstream, route)
+    await send({"type": "websocket.http.response.start", "status": status, "headers": headers})
+    await send({"type": "websocket.http.response.body", "body": bytes(response.body)})
+
+
+# what the ASGI server can send a reason phrase for
+_STATUSES = frozenset(int(s) for s in HTTPStatus)
 
 
 async def _reject(scope: Scope, send: Send, err: HestiaError) -> None:

@@ -9,6 +9,7 @@ from hestia.config import (
     labels_to_settings,
     load_config,
     parse_config,
+    parse_config_text,
     parse_duration,
     service_name_from_labels,
 )
@@ -218,3 +219,91 @@ def test_cli_exits_2_with_one_line_for_a_bad_config(
     assert main(["serve", "--config", str(tmp_path / "dir.yml")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("hestia: config path") and "directory" in err[0]
+
+
+def _web(**entry: object) -> dict[str, object]:
+    return {"url": "http://127.0.0.1:8888", **entry}
+
+
+def test_routing_keys_and_labels() -> None:
+    cfg = parse_config(
+        {
+            "routing": {"subdomains": True, "domain": "Home.Arpa."},
+            "defaults": {"preserve_host": True},
+            "services": {
+                "jupyter": _web(hosts=["Lab.Example.", "lab.example"], strip_prefix=False),
+                "plain": _web(),
+            },
+        }
+    )
+    assert cfg.routing.domain == "home.arpa"
+    jupyter = cfg.resolve("jupyter")
+    assert jupyter.hosts == ("lab.example",)  # normalized, once
+    assert (jupyter.strip_prefix, jupyter.preserve_host) == (False, True)
+    plain = cfg.resolve("plain")
+    assert (plain.hosts, plain.strip_prefix) == ((), True)
+    assert cfg.routing.subdomain_hosts("Plain") == ("plain.localhost", "plain.home.arpa")
+    labelled = cfg.resolve(
+        "grafana",
+        {"hestia.host": "grafana.home.arpa, Dash.Example", "hestia.strip_prefix": "false"},
+    )
+    assert labelled.hosts == ("grafana.home.arpa", "dash.example")
+    assert (labelled.strip_prefix, labelled.preserve_host) == (False, True)
+    # the config entry wins key by key over labels, hosts included
+    assert cfg.resolve("jupyter", {"hestia.host": "other.example"}).hosts == ("lab.example",)
+
+
+def test_no_subdomain_names_unless_asked() -> None:
+    cfg = parse_config({"services": {"a": _web()}})
+    assert cfg.routing.subdomain_hosts("a") == ()
+    # a service name that is no host label (it has a dot) gets none either
+    on = parse_config({"routing": {"subdomains": True}})
+    assert on.routing.subdomain_hosts("a.b") == ()
+
+
+@pytest.mark.parametrize(
+    "bad", ["http://lab.example", "lab.example:8080", "lab.example/x", "a..b", "-a.example", "a b"]
+)
+def test_bad_host_names_name_the_key(bad: str) -> None:
+    with pytest.raises(ConfigError, match=r"services\.jupyter\.hosts.*not a host name"):
+        parse_config({"services": {"jupyter": _web(hosts=[bad])}})
+
+
+def test_bad_routing_domain_names_the_key() -> None:
+    with pytest.raises(ConfigError, match=r"routing\.domain.*not a host name"):
+        parse_config({"routing": {"subdomains": True, "domain": "https://home.arpa"}})
+
+
+def test_a_bad_host_label_is_a_config_error_for_that_service() -> None:
+    with pytest.raises(ConfigError, match=r"labels of service 'web'.*hosts.*not a host name"):
+        parse_config({}).resolve("web", {"hestia.host": "web.example:80"})
+
+
+def test_two_services_claiming_one_host_name_is_an_error() -> None:
+    with pytest.raises(ConfigError, match=r"services\.b\.hosts: 'lab\.example' is already in "):
+        parse_config(
+            {"services": {"a": _web(hosts=["lab.example"]), "b": _web(hosts=["LAB.example"])}}
+        )
+    with pytest.raises(ConfigError, match=r"services\.a\.hosts: 'b\.localhost' is service 'b'"):
+        parse_config(
+            {
+                "routing": {"subdomains": True},
+                "services": {"a": _web(hosts=["b.localhost"]), "b": _web()},
+            }
+        )
+
+
+def test_hosts_are_per_service_only() -> None:
+    with pytest.raises(ConfigError, match=r"defaults\.hosts"):
+        parse_config({"defaults": {"hosts": ["x.example"]}})
+
+
+def test_the_readme_config_example_loads(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SEMAPHORE_TOKEN", "t")  # the example's ${ENV} secrets
+    monkeypatch.setenv("HESTIA_ADMIN_KEY", "k" * 32)
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    example = readme.split("```yaml\n", 1)[1].split("```", 1)[0]
+    cfg = parse_config_text(example, source="README.md")
+    assert cfg.routing.subdomains is False
+    jupyter = cfg.resolve("jupyter")
+    assert (jupyter.hosts, jupyter.strip_prefix) == (("jupyter.home.arpa",), False)

@@ -287,3 +287,72 @@ def test_disabled_backend_is_a_config_error_naming_the_key() -> None:
     cfg = parse_config({"services": {"a": {"container": "a"}}})
     with pytest.raises(ConfigError, match=r"services\.a\.backend: the 'docker' backend is not"):
         Registry(cfg, {})
+
+
+async def test_host_table_follows_labels_recreates_and_removals(
+    backend: MemoryBackend, make_registry: Callable[..., Any]
+) -> None:
+    published: list[dict[str, str]] = []
+    lineage = "compose:proj/lab/1"
+    labels = {**ON, "hestia.service": "lab", "hestia.host": "lab.example, LAB2.example."}
+    backend.add("proj-lab-1", labels=labels, lineage=lineage)
+    reg = await make_registry({"routing": {"subdomains": True}})
+    reg._on_routes = lambda hosts, keep: published.append(hosts)
+    assert reg.hosts == {
+        "lab.example": "lab",
+        "lab2.example": "lab",
+        "lab.localhost": "lab",
+    }
+    # `docker compose up -d` after a label change: the new host names apply at once
+    relabelled = {**labels, "hestia.host": "notebooks.example", "hestia.strip_prefix": "false"}
+    await _recreate(backend, "proj-lab-1", lineage, relabelled, start=False)
+    await wait_for(lambda: "notebooks.example" in reg.hosts, 5, "the new host name")
+    assert reg.hosts == {"notebooks.example": "lab", "lab.localhost": "lab"}
+    assert reg._keep_prefix == {"lab"}
+    assert published[-1] == reg.hosts
+    # removed with no replacement: its host names go with it (after the grace)
+    inst = backend.get(reg.get("lab").instance_id)
+    await backend.remove(inst.id)
+    await wait_for(lambda: "lab" not in reg, 5, "the removal")
+    assert reg.hosts == {} and published[-1] == {}
+
+
+async def test_two_labelled_services_claiming_one_host_name_conflict(
+    backend: MemoryBackend, make_registry: Callable[..., Any]
+) -> None:
+    backend.add("a", labels={**ON, "hestia.host": "shared.example, a.example"})
+    reg = await make_registry({"routing": {"subdomains": True}})
+    backend.add("b", labels={**ON, "hestia.host": "shared.example"})
+    await wait_for(lambda: "b" in reg, 2, "the second service")
+    # the one that has it keeps it; the other is told why, in its status
+    assert reg.hosts["shared.example"] == "a"
+    assert reg.hosts["b.localhost"] == "b"  # the rest of b's names still work
+    conflicts = reg.get("b").status()["conflicts"]
+    assert [c["instance"] for c in conflicts] == ["host shared.example"]
+    assert "which service 'a' has" in conflicts[0]["reason"]
+    assert reg.get("a").status()["conflicts"] == []
+    # a goes: b gets the name, and its conflict is gone
+    await backend.remove("a")
+    await wait_for(lambda: reg.hosts.get("shared.example") == "b", 5, "b to take the name")
+    assert reg.get("b").status()["conflicts"] == []
+
+
+async def test_config_host_beats_a_label_and_a_label_beats_a_subdomain_name(
+    backend: MemoryBackend, make_registry: Callable[..., Any]
+) -> None:
+    backend.add("squatter", labels={**ON, "hestia.host": "lab.example, web.localhost"})
+    reg = await make_registry(
+        {
+            "routing": {"subdomains": True},
+            "services": {
+                "lab": {"url": "http://127.0.0.1:1", "hosts": ["lab.example"]},
+                "web": {"url": "http://127.0.0.1:2"},
+            },
+        }
+    )
+    assert reg.hosts["lab.example"] == "lab"
+    assert reg.hosts["web.localhost"] == "squatter"  # an explicit name over a derived one
+    assert {c["instance"] for c in reg.get("squatter").status()["conflicts"]} == {
+        "host lab.example"
+    }
+    assert {c["instance"] for c in reg.get("web").status()["conflicts"]} == {"host web.localhost"}
