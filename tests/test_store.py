@@ -184,6 +184,8 @@ async def test_hestia_killed_during_a_start_the_next_run_finishes_it(
             proc.wait()
     assert containers.state(c) == "running"
     started_at = c.attrs["State"]["StartedAt"]
+    with sqlite3.connect(db) as conn:  # as if the crash was 590 s after the last request
+        conn.execute("UPDATE hestia_service SET last_activity = last_activity - 590")
     from hestia.backends.docker import DockerBackend
 
     gw = await gateway_factory(
@@ -192,6 +194,9 @@ async def test_hestia_killed_during_a_start_the_next_run_finishes_it(
     )
     svc = gw.service("kill9")
     await wait_for(lambda: svc.state == "ready", 15, "the start to be finished")
+    # its idle clock starts at adoption (10 min), not at the request before the crash
+    assert svc.idle_deadline is not None
+    assert svc.idle_deadline - asyncio.get_running_loop().time() > 500
     async with httpx.AsyncClient(base_url=gw.url, timeout=10) as client:
         assert (await client.get("/services/kill9/")).status_code == 200
         events = (await client.get("/v1/services/kill9/events")).json()["events"]
