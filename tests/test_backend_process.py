@@ -26,7 +26,7 @@ from hestia.backends import build_backends
 from hestia.backends import process as process_module
 from hestia.backends.base import BackendEvent
 from hestia.backends.process import ProcessBackend
-from hestia.config import ProcessConfig, parse_config
+from hestia.config import ProcessConfig, parse_config, parse_config_text
 from hestia.errors import ConfigError
 from hestia.lifecycle import State
 from tests.conftest import free_port, wait_for
@@ -608,3 +608,18 @@ def test_the_process_backend_is_off_in_the_container_unless_enabled(
     assert build_backends(parse_config({"docker": {"enabled": False}})) == {}
     used = parse_config({"docker": {"enabled": False}, "services": {"x": entry}})
     assert list(build_backends(used)) == ["process"]
+
+
+def test_the_readme_process_example_loads() -> None:
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("## Host processes on demand", 1)[1].split("\n## ", 1)[0]
+    example = section.split("```yaml\n", 1)[1].split("```", 1)[0]
+    cfg = parse_config_text(example, source="README.md")
+    spec = cfg.resolve("qwen")
+    assert spec.command == ["llama-server", "-m", "/models/qwen.gguf", "--port", "${PORT}"]
+    assert (spec.process_url, spec.stop_signal, spec.exclusive_group) == (
+        "http://127.0.0.1:${PORT}",
+        "SIGTERM",
+        "gpu",
+    )
+    assert list(build_backends(cfg)) == ["process"]
