@@ -136,7 +136,8 @@ class ProcessBackend:
         run = self._current(ref, spec)
         if run is None:
             return InstanceInfo(id=ref, name=ref, running=False, status="stopped")
-        run.spec = spec
+        if spec.name == ref:  # (the registry inspects with a placeholder spec at times)
+            run.spec = spec
         return InstanceInfo(
             id=ref,
             name=ref,
@@ -164,7 +165,8 @@ class ProcessBackend:
         run = self._current(ref, spec)
         if run is None:
             return StopResult()
-        run.spec = spec
+        if spec.name == ref:
+            run.spec = spec
         return await self._stop_run(run, timeout)
 
     async def logs_tail(self, ref: str, lines: int = 20) -> str:
