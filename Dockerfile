@@ -34,9 +34,12 @@ RUN set -eu; \
 # Final stage: the base image plus the venv; no wheels, no pip cache, no build tools.
 FROM ${BASE_IMAGE}
 COPY --from=builder /opt/hestia /opt/hestia
+# HESTIA_IN_CONTAINER: the `process` backend is off by default here (its processes would run
+# inside this container, not on the host); `process.enabled: true` turns it on anyway.
 ENV PATH=/opt/hestia/bin:$PATH \
     PYTHONUNBUFFERED=1 \
-    HESTIA_DATABASE_URL=sqlite:////data/hestia.db
+    HESTIA_DATABASE_URL=sqlite:////data/hestia.db \
+    HESTIA_IN_CONTAINER=1
 # The config is ./hestia_config.yml relative to here: mount one at
 # /config/hestia_config.yml, or mount nothing and Hestia runs on container labels alone.
 WORKDIR /config

@@ -10,10 +10,13 @@ check and label parsing all read it.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
 import re
+import signal
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -41,11 +44,12 @@ LABEL_PREFIX = "hestia."
 KNOWN_BACKENDS: dict[str, str] = {
     "docker": "a Docker container on a Docker engine (`endpoint`: which one)",
     "memory": "instances simulated in memory (tests and demos)",
+    "process": "a host process Hestia runs itself (`command`), in its own process group",
     "semaphore": "a host-level service started and stopped by Semaphore (Ansible) task templates",
     "swarm": "a Docker Swarm service, scaled from 0 to `replicas` and back",
 }
 # Backends without containers: their one instance per service is known by the service name.
-INSTANCE_IS_SERVICE = frozenset({"semaphore"})
+INSTANCE_IS_SERVICE = frozenset({"semaphore", "process"})
 
 # Every hestia.* label, with what it means. Settings labels map to the service key of the
 # same name (`health.path` -> health: {path: ...}).
@@ -150,6 +154,36 @@ def expand_env(value: Any) -> Any:
         return os.environ[name]
 
     return _ENV_REF.sub(substitute, value)
+
+
+def substitute_vars(value: str, variables: Mapping[str, str]) -> str:
+    """`${NAME}` in `value` -> variables[NAME] (`$${` writes a literal `${`); ValueError
+    saying which name is missing. The process backend's expansion of `command`, `env`,
+    `cwd` and `log_file`, with PORT, the service's `env` and Hestia's environment."""
+
+    def substitute(m: re.Match[str]) -> str:
+        escaped, name = m.group(1), m.group(2)
+        if escaped:
+            return "${" + name + "}"
+        if not _ENV_NAME.match(name):
+            raise ValueError(
+                f"${{{name}}} is not a variable reference; write ${{NAME}} (letters, digits, "
+                "_), or $${ for a literal ${"
+            )
+        if name not in variables:
+            raise ValueError(
+                f"${{{name}}} is neither PORT, nor a key of the service's `env`, nor set in "
+                "Hestia's environment; define it in `env` or write the value"
+            )
+        return variables[name]
+
+    return _ENV_REF.sub(substitute, value)
+
+
+def in_container() -> bool:
+    """Hestia runs in its own Docker image, which sets HESTIA_IN_CONTAINER=1 (see
+    `ProcessConfig.enabled`)."""
+    return os.environ.get("HESTIA_IN_CONTAINER", "").strip().lower() not in ("", "0", "false")
 
 
 def read_secret_file(value: Any) -> Any:
@@ -348,7 +382,72 @@ def _check_template(value: Any) -> Any:
     return value
 
 
+def _argv(value: Any) -> Any:
+    """`command:` is an argv list, never a shell string; numbers become their text."""
+    if isinstance(value, str):
+        raise ValueError(
+            "a list of arguments (argv), e.g. [llama-server, --port, '${PORT}']; it never runs "
+            "through a shell (for a pipeline, write [sh, -c, '...'] yourself)"
+        )
+    if isinstance(value, list | tuple):
+        out = []
+        for i, item in enumerate(value):
+            if isinstance(item, bool) or not isinstance(item, str | int | float):
+                raise ValueError(f"item {i} ({item!r}) is not a string")
+            out.append(str(item))
+        if not out or not out[0].strip():
+            raise ValueError("needs at least the program to run")
+        return out
+    return value
+
+
+def _env_values(value: Any) -> Any:
+    """`env:` values as text: numbers become their text; true/false must be quoted (is it
+    1, true or yes for the program?)."""
+    if not isinstance(value, dict):
+        return value
+    out: dict[Any, Any] = {}
+    for key, item in value.items():
+        if not isinstance(key, str) or not _ENV_NAME.match(key):
+            raise ValueError(f"{key!r} is not an environment variable name (letters, digits, _)")
+        if key == "PORT":
+            raise ValueError(
+                "PORT is Hestia's to set (the port in `url`, or a free one); set the port in "
+                "`url` instead"
+            )
+        if isinstance(item, bool):
+            raise ValueError(f"{key}: quote the value ('true', '1', 'yes': what the program reads)")
+        out[key] = str(item) if isinstance(item, int | float) else item
+    return out
+
+
+# signals that do not end a process: a stop with them would always end in SIGKILL
+_NOT_STOP_SIGNALS = frozenset({"SIGSTOP", "SIGTSTP", "SIGTTIN", "SIGTTOU", "SIGCONT", "SIGCHLD"})
+
+
+def _check_signal(value: Any) -> Any:
+    if value is None:
+        return None
+    name = ""
+    if isinstance(value, int) and not isinstance(value, bool):
+        with contextlib.suppress(ValueError):
+            name = signal.Signals(value).name
+    elif isinstance(value, str):
+        name = value.strip().upper()
+        name = name if name.startswith("SIG") else "SIG" + name
+    if name not in signal.Signals.__members__ or name in _NOT_STOP_SIGNALS:
+        raise ValueError(
+            f"{value!r} is not a signal that ends a process; write e.g. SIGTERM, SIGINT or SIGQUIT"
+        )
+    return name
+
+
 Url = Annotated[str | None, AfterValidator(_check_url)]
+Argv = Annotated[list[str] | None, BeforeValidator(_argv)]
+EnvMap = Annotated[dict[str, str] | None, BeforeValidator(_env_values)]
+StopSignal = Annotated[str | None, BeforeValidator(_check_signal)]
+# the URL a process service answers at by default (PORT: a free port Hestia picks)
+DEFAULT_PROCESS_URL = "http://127.0.0.1:${PORT}"
 # a Semaphore task template: its id, or its name (looked up in the project's templates)
 TemplateRef = Annotated[int | str | None, BeforeValidator(_check_template)]
 BackendName = Annotated[str | None, AfterValidator(_check_backend)]
@@ -421,9 +520,39 @@ class ServiceConfig(_Strict):
     endpoint: str | None = None
     # backend swarm: how many tasks a start scales the service to.
     replicas: int = Field(default=1, ge=1)
+    # backend process: the argv it runs (never a shell), its working directory, variables
+    # added to Hestia's environment, the signal a stop sends its process group (then SIGKILL
+    # after stop_timeout; None: SIGTERM), and a file for its output (None: one Hestia keeps
+    # under process.state_dir). `${...}` in them: PORT, `env`, Hestia's environment.
+    command: Argv = None
+    cwd: str | None = None
+    env: EnvMap = None
+    stop_signal: StopSignal = None
+    log_file: str | None = None
+    # backend process: its `url:` as written (${PORT} allowed; default DEFAULT_PROCESS_URL).
+    # The port is known only when the process starts, so `url` stays None and the backend
+    # reports the URL of each run (InstanceInfo.url).
+    process_url: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _process_url(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("backend") == "process" and "url" in data:
+            data = dict(data)
+            data["process_url"] = data.pop("url")
+        return data
 
     @model_validator(mode="after")
     def _backend_has_an_instance(self) -> ServiceConfig:
+        if self.backend == "process":
+            self._check_process()
+        else:
+            for key in ("command", "cwd", "env", "stop_signal", "log_file"):
+                if getattr(self, key) is not None:
+                    raise ValueError(
+                        f"{key}: only for services with `backend: process` (this one's "
+                        f"backend is {self.backend or 'none: a plain url'})"
+                    )
         if self.backend == "semaphore":
             missing = [
                 f"`{key}`"
@@ -462,6 +591,41 @@ class ServiceConfig(_Strict):
             )
         return self
 
+    def _check_process(self) -> None:
+        if self.command is None:
+            raise ValueError(
+                "backend 'process' needs `command` (the program and its arguments, a list: "
+                "[llama-server, -m, model.gguf, --port, '${PORT}'])"
+            )
+        if self.container is not None:
+            raise ValueError("container: a process service has no container; remove it")
+        if self.port is not None:
+            raise ValueError(
+                "port: a process service's port is in `url` (default "
+                f"{DEFAULT_PROCESS_URL}: a free port Hestia picks at each start)"
+            )
+        if self.health.type == "docker":
+            raise ValueError("health.type: `docker` needs a Docker HEALTHCHECK; use http or tcp")
+        url = self.process_url or DEFAULT_PROCESS_URL
+        if "${" in url.replace("${PORT}", ""):
+            raise ValueError(f"url: {url!r}: only ${{PORT}} is substituted in a process's url")
+        if "${PORT}" in url and not urlsplit(url).netloc.endswith(":${PORT}"):
+            raise ValueError(f"url: {url!r}: ${{PORT}} goes in the port (http://HOST:${{PORT}})")
+        try:
+            _check_url(url.replace("${PORT}", "1"))
+        except ValueError as exc:
+            raise ValueError(f"url: {exc}") from None
+        # every ${NAME} must be known now: a missing one would fail every start
+        variables = {**os.environ, "PORT": "1"}
+        for key, value in (self.env or {}).items():
+            variables[key] = _substituted(value, variables, f"env.{key}")
+        for i, arg in enumerate(self.command):
+            _substituted(arg, variables, f"command[{i}]")
+        for key in ("cwd", "log_file"):
+            value = getattr(self, key)
+            if value is not None:
+                _substituted(value, variables, key)
+
     @property
     def backend_key(self) -> str | None:
         """The name of the backend that runs it in the gateway (see `backend_key()`)."""
@@ -479,6 +643,13 @@ class ServiceConfig(_Strict):
         if self.container is not None:
             return self.container
         return self.name if self.backend in INSTANCE_IS_SERVICE else None
+
+
+def _substituted(value: str, variables: Mapping[str, str], key: str) -> str:
+    try:
+        return substitute_vars(value, variables)
+    except ValueError as exc:
+        raise ValueError(f"{key}: {exc}") from None
 
 
 def _check_cidr(value: str) -> str:
@@ -653,6 +824,26 @@ class SwarmConfig(_Strict):
     # The Docker endpoint of a manager node (a name under docker.endpoints); default: the
     # default endpoint.
     endpoint: str | None = None
+
+
+class ProcessConfig(_Strict):
+    """Host processes started on demand (`backend: process`)."""
+
+    # None: on, unless Hestia runs in its Docker image (which sets HESTIA_IN_CONTAINER=1):
+    # there the processes would run inside Hestia's own container
+    enabled: bool | None = None
+    # Hestia's shutdown stops every process service unless this is true (then a restarted
+    # Hestia adopts them from their records)
+    keep_on_exit: bool = False
+    # Records of running processes (for adoption) and their output files; default: the
+    # directory `processes` next to the SQLite database (else ./data/processes)
+    state_dir: str | None = None
+    # An output file Hestia keeps (no `log_file`) is rotated once it passes this size
+    log_max_size: Size = Field(default=10 * _MIB, ge=64 * _KIB)
+
+    @property
+    def active(self) -> bool:
+        return self.enabled if self.enabled is not None else not in_container()
 
 
 class LoggingConfig(_Strict):
@@ -862,6 +1053,11 @@ class _ServiceEntry(_Settings):
     stop_template: TemplateRef = None
     environment: dict[str, Any] | None = None
     hosts: Hosts | None = None
+    command: Argv = None
+    cwd: str | None = None
+    env: EnvMap = None
+    stop_signal: StopSignal = None
+    log_file: str | None = None
 
 
 class ScheduleConfig(_Strict):
@@ -905,6 +1101,7 @@ class HestiaConfig(_Strict):
     # Present: the semaphore backend runs (services with `backend: semaphore`).
     semaphore: SemaphoreConfig | None = None
     swarm: SwarmConfig = SwarmConfig()
+    process: ProcessConfig = ProcessConfig()
     logging: LoggingConfig = LoggingConfig()
     database: DatabaseConfig = DatabaseConfig()
     auth: AuthConfig = AuthConfig()
@@ -919,6 +1116,18 @@ class HestiaConfig(_Strict):
 
     def database_url(self) -> str:
         return os.environ.get("HESTIA_DATABASE_URL") or self.database.url
+
+    def process_state_dir(self) -> Path:
+        """Where the process backend keeps its records and output files."""
+        if self.process.state_dir is not None:
+            return Path(self.process.state_dir)
+        from sqlalchemy.engine import make_url
+
+        url = make_url(self.database_url())
+        db = url.database or ""
+        if url.get_backend_name() == "sqlite" and db and db != ":memory:":
+            return Path(db).parent / "processes"
+        return Path("data") / "processes"
 
     @property
     def default_endpoint(self) -> str:
@@ -1148,7 +1357,23 @@ def parse_config(raw: Any, source: str = "<config>") -> HestiaConfig:
                 f"invalid config in {source}: services.{name}.backend: `semaphore` needs the "
                 "top-level `semaphore:` section (url, token, project_id)"
             )
-        if entry.container is None and entry.url is None and entry.backend != "semaphore":
+        if entry.backend == "process" and not cfg.process.active:
+            why = (
+                "process.enabled is false"
+                if cfg.process.enabled is False
+                else "Hestia runs in its Docker image (HESTIA_IN_CONTAINER is set), where the "
+                "process would run inside Hestia's container, not on the host"
+            )
+            raise ConfigError(
+                f"invalid config in {source}: services.{name}.backend: the process backend is "
+                f"off: {why}. Run Hestia on the host (README: Host processes on demand), or "
+                "set process.enabled: true"
+            )
+        if (
+            entry.container is None
+            and entry.url is None
+            and entry.backend not in ("semaphore", "process")
+        ):
             raise ConfigError(
                 f"invalid config in {source}: services.{name}: needs `container` (a Docker "
                 "container Hestia starts on demand) or `url` (an always-on upstream), or both"

@@ -5,6 +5,7 @@ HestiaError
  +-- ServiceNotFound          404  service_not_found
  +-- ServiceStartFailed       503  start_failed      (container exited, health check failed, ...)
  +-- ServiceStartTimeout      504  start_timeout     (not ready within startup_timeout)
+ +-- InstanceExited           503  instance_exited   (a ready host process exited non-zero)
  +-- ServiceUnavailable       503  service_unavailable
  |    +-- ShuttingDown        503  shutting_down     (Hestia is stopping)
  |    +-- ServiceRemoved      503  service_removed   (its container/config entry went away)
@@ -92,6 +93,14 @@ class ServiceStartFailed(HestiaError):
 class ServiceStartTimeout(HestiaError):
     status = 504
     code = "start_timeout"
+
+
+class InstanceExited(HestiaError):
+    """A ready instance exited on its own with a failure (a host process's non-zero exit);
+    kept in `last_error`, the next request starts it again."""
+
+    status = 503
+    code = "instance_exited"
 
 
 class ServiceUnavailable(HestiaError):

@@ -35,6 +35,7 @@ from hestia.config import ServiceConfig
 from hestia.errors import (
     BackendUnreachable,
     HestiaError,
+    InstanceExited,
     QueueFull,
     QueueTimeout,
     ServiceRemoved,
@@ -527,8 +528,9 @@ class Service:
                 next_inspect = loop.time() + _INSPECT_EVERY_S
 
     def _upstream_for(self, info: InstanceInfo) -> Upstream:
-        if self.config.url is not None:
-            return upstream_from_url(self.config.url)
+        url = self.config.url or info.url
+        if url is not None:
+            return upstream_from_url(url)
         if info.address is None:
             raise ServiceStartFailed(
                 f"instance {info.name!r} of service {self.name!r} has no address Hestia can "
@@ -803,11 +805,25 @@ class Service:
                 self._cancel_idle()
                 self.upstream = None
                 self.started_at = None
-                self._transition(
-                    State.STOPPED,
-                    "external",
-                    f"instance stopped outside Hestia (exit code {event.exit_code})",
-                )
+                if event.kind == "die" and event.crashed:
+                    # a failure the backend vouches for (a host process's non-zero exit):
+                    # failed, with why in last_error; the next request starts it again
+                    self._fail(
+                        InstanceExited(
+                            f"instance {event.name!r} of service {self.name!r} exited with "
+                            f"code {event.exit_code} while ready"
+                            + (f"; {event.reason}" if event.reason else ""),
+                            service=self.name,
+                            detail={"exit_code": event.exit_code},
+                        ),
+                        "external",
+                    )
+                else:
+                    self._transition(
+                        State.STOPPED,
+                        "external",
+                        f"instance stopped outside Hestia (exit code {event.exit_code})",
+                    )
         elif event.kind == "start":
             if self.state in (State.STOPPED, State.FAILED) and (
                 self._stop_task is None or self._stop_task.done()

@@ -6,8 +6,9 @@ imports docker-py (nor one without a `semaphore:` section httpx and tenacity).
 Names (the keys of the gateway's backends mapping, see `config.backend_key`): `docker` runs
 containers on the default Docker endpoint, `docker@NAME` on the endpoint NAME of
 `docker.endpoints`, `swarm` runs Swarm services through `swarm.endpoint`, `semaphore` host
-services through Semaphore task templates. One engine connection per endpoint is shared by its
-Docker and Swarm backends.
+services through Semaphore task templates, `process` host processes Hestia runs itself (built
+when a service uses it, or `process.enabled` is true; never when the process backend is off).
+One engine connection per endpoint is shared by its Docker and Swarm backends.
 """
 
 from __future__ import annotations
@@ -30,6 +31,13 @@ def build_backends(config: HestiaConfig) -> dict[str, Backend]:
         from hestia.backends.semaphore import SemaphoreBackend
 
         backends["semaphore"] = SemaphoreBackend(config.semaphore)
+    wanted = config.process.enabled or any(
+        entry.backend == "process" for entry in config.services.values()
+    )
+    if wanted and config.process.active:
+        from hestia.backends.process import ProcessBackend
+
+        backends["process"] = ProcessBackend(config.process, config.process_state_dir())
     if not (config.docker.enabled or config.swarm.enabled):
         return backends
     from hestia.backends.docker import DockerBackend, DockerEngine

@@ -1,6 +1,6 @@
 """The Backend protocol: the few operations the lifecycle and the registry need from whatever
 runs a service's instance (a Docker container today; a Swarm service, a container on another
-Docker host, a Semaphore task or a host process next).
+Docker host, a Semaphore task, a host process).
 
 A backend speaks of *instances*: it starts, stops and inspects one, tells what it printed last,
 discovers the instances that opted in, and reports what happens to them as events. It hands
@@ -56,6 +56,9 @@ class InstanceInfo:
     labels: dict[str, str] = field(default_factory=dict)
     # Where to reach the instance for the service's port, when the backend can tell.
     address: tuple[str, int] | None = None
+    # The instance's whole base URL when the backend knows it (a host process's `url` with
+    # the port it was started on): the lifecycle uses it as it uses a service's `url`.
+    url: str | None = None
     # Instances with the same non-empty `lineage` replace each other (a compose service's
     # container re-created by `docker compose up -d`): the newest one is the service's.
     lineage: str = ""
@@ -93,7 +96,12 @@ class BackendEvent:
     health: HealthState | None = None  # for kind == "health"
     exit_code: int | None = None  # for kind == "die"
     old_name: str | None = None  # for kind == "rename"
-    reason: str = ""  # for kind == "disconnected"
+    # for kind == "disconnected": why; for kind == "die": what the backend knows of the
+    # exit (a host process's last output lines)
+    reason: str = ""
+    # for kind == "die": the backend counts this exit as a failure (a host process that
+    # exited non-zero on its own): the lifecycle goes to failed rather than stopped
+    crashed: bool = False
 
 
 @dataclass(frozen=True)

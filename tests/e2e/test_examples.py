@@ -40,7 +40,14 @@ def test_published_ports_are_on_loopback_by_default(path: Path) -> None:
 
 
 def test_the_examples_are_there() -> None:
-    assert {p.name for p in EXAMPLES} >= {"minimal.yml", "ollama.yml", "mixed.yml", "semaphore.yml"}
+    assert {p.name for p in EXAMPLES} >= {
+        "minimal.yml",
+        "ollama.yml",
+        "mixed.yml",
+        "semaphore.yml",
+        "process.yml",
+    }
+    assert (REPO / "examples" / "hestia.service").exists()
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.name)
@@ -49,7 +56,7 @@ def test_example_config_loads(path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     config = load_config(path)
     assert config.services, f"{path.name} declares no service"
     for name, service in config.static_services().items():
-        assert service.container or service.url, name
+        assert service.container or service.url or service.command, name
 
 
 def _labelled_services(path: Path) -> list[tuple[str, dict[str, str]]]:
