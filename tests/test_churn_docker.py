@@ -118,7 +118,7 @@ async def test_compose_recreate_under_load_is_a_replacement(
     await asyncio.gather(*clients)
 
     assert gw.gateway.registry.get("web") is svc  # never removed, never 404
-    assert failures == [], f"{len(failures)} of {len(results)} requests failed"
+    assert failures == [], f"{len(failures)} of {len(results)} requests failed: {failures[:5]}"
     assert svc.config.max_concurrency == 3  # the new label applies at once
     # compose removed the old container: Hestia did not start it again mid-recreate
     assert not docker_client.containers.list(all=True, filters={"id": old_id})
