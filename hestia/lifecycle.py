@@ -52,6 +52,8 @@ from hestia.warmth import Clock, Warmth
 # missed event; readiness itself is noticed through events and the fast probe interval).
 _INSPECT_EVERY_S = 1.0
 _VERDICT_MARGIN_S = 0.25
+# how long a waiter past its deadline still waits for a start past its own deadline
+_VERDICT_GRACE_S = 5.0
 _LOST = object()
 # how often a service kept warm (or needed by a dependent) looks again at whether it still is
 _WARM_RECHECK_S = 30.0
@@ -106,6 +108,12 @@ class Coordinator:
 
 # (service, from_state, to_state, cause, reason, seconds spent in from_state)
 StateListener = Callable[["Service", State, State, str, str, float], None]
+
+
+def _retrieved(task: asyncio.Task[Any]) -> None:
+    """A shielded call's failure is seen by whoever awaits it; none is left unretrieved."""
+    if not task.cancelled():
+        task.exception()
 
 
 class Service:
@@ -163,6 +171,7 @@ class Service:
         self.conflicts: dict[str, str] = {}  # instance name -> why it is not this service's
         self._reachable_error: str | None = None
         self._start_task: asyncio.Task[HestiaError | None] | None = None
+        self._start_deadline: float | None = None  # loop time the running start gives up at
         self._stop_task: asyncio.Task[None] | None = None
         self._idle_handle: asyncio.TimerHandle | None = None
         self._changed = asyncio.Event()  # an instance event arrived during a start
@@ -287,6 +296,15 @@ class Service:
                 )
                 if closing in done:
                     raise closing.result().fresh()
+                if not done and task is self._start_task and self._start_overdue(loop.time()):
+                    # the start's own deadline has passed too: it is failing right now and its
+                    # verdict (what it saw, what it stopped) is the better answer; it is due
+                    # within a few loop steps, more on a stalled machine, so wait for it a bit
+                    done, _ = await asyncio.wait(
+                        (task, closing), timeout=_VERDICT_GRACE_S, return_when="FIRST_COMPLETED"
+                    )
+                    if closing in done:
+                        raise closing.result().fresh()
                 if not done:
                     self._count("start_timeout")
                     raise ServiceStartTimeout(
@@ -327,6 +345,9 @@ class Service:
             )
             self.request_stop("abandoned")
 
+    def _start_overdue(self, now: float) -> bool:
+        return self._start_deadline is not None and now >= self._start_deadline
+
     def _closing_future(self) -> asyncio.Future[HestiaError]:
         if self._closing is None:
             self._closing = asyncio.get_running_loop().create_future()
@@ -362,7 +383,7 @@ class Service:
         if self._stop_task is not None and not self._stop_task.done():
             await asyncio.shield(self._stop_task)
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.config.startup_timeout
+        deadline = self._start_deadline = loop.time() + self.config.startup_timeout
         while True:
             try:
                 async with asyncio.timeout_at(deadline):
@@ -395,13 +416,18 @@ class Service:
         self._transition(State.STARTING, cause, f"start asked by {cause}")
         t0 = loop.time()
         info: InstanceInfo | None = None
+        start_call: asyncio.Task[None] | None = None
         try:
             async with asyncio.timeout_at(deadline):
                 if self.coordinator is not None and (spec.depends_on or spec.exclusive_group):
                     await self.coordinator.before_start(self)
                 info = await backend.inspect(ref, spec)
                 if not info.running:
-                    await backend.start(ref, spec)
+                    # shielded: a timeout must not leave a start that lands after the stop
+                    # sent for the failure (docker-py's call goes on in its thread anyway)
+                    start_call = loop.create_task(backend.start(ref, spec))
+                    start_call.add_done_callback(_retrieved)
+                    await asyncio.shield(start_call)
                     info = await backend.inspect(ref, spec)
                 upstream = await self._wait_ready(backend, ref, spec, info)
         except TimeoutError:
@@ -410,7 +436,7 @@ class Service:
                 f"within {spec.startup_timeout:g}s; check its logs, or raise startup_timeout",
                 service=self.name,
             )
-            return self._start_failed(err, cause, ref, info)
+            return self._start_failed(err, cause, ref, info, start_call)
         except InstanceNotFound as exc:
             if ref == self.instance_id:
                 # the instance went away under the start (removed, replaced): wait for the
@@ -469,13 +495,22 @@ class Service:
             await self._bound.wait()
 
     def _start_failed(
-        self, err: HestiaError, cause: str, ref: str, info: InstanceInfo | None
+        self,
+        err: HestiaError,
+        cause: str,
+        ref: str,
+        info: InstanceInfo | None,
+        start_call: asyncio.Task[None] | None = None,
     ) -> HestiaError:
         """Fail the start (every waiter gets `err` now); with on_start_failure: stop, stop
         what it left running in the background, or it would run forever, never ready and
-        never idle."""
+        never idle. `start_call`: the backend's start, when the timeout came after it was sent
+        (maybe before it returned): the instance may come up after this, so it is stopped
+        once that call is over."""
         self.started_at = None
-        running = info is not None and self._died is None and info.running
+        running = (
+            info is not None and self._died is None and (info.running or start_call is not None)
+        )
         stop = running and self.backend is not None and self.config.on_start_failure == "stop"
         if info is not None:
             self._failed_started_at = info.started_at
@@ -485,12 +520,14 @@ class Service:
         self._fail(err, cause)
         if stop:
             self._stop_task = asyncio.get_running_loop().create_task(
-                self._stop_after_failure(ref), name=f"hestia-stop-{self.name}"
+                self._stop_after_failure(ref, start_call), name=f"hestia-stop-{self.name}"
             )
         return err
 
-    async def _stop_after_failure(self, ref: str) -> None:
+    async def _stop_after_failure(self, ref: str, start_call: asyncio.Task[None] | None) -> None:
         assert self.backend is not None
+        if start_call is not None:
+            await asyncio.wait([start_call])  # its failure was the start's to report
         try:
             result = await self.backend.stop(ref, self.config, self.config.stop_timeout)
         except HestiaError as exc:

@@ -4,6 +4,7 @@ real engine in test_lifecycle_docker.py). Instances really listen on 127.0.0.1 o
 from __future__ import annotations
 
 import asyncio
+import time
 import traceback
 from collections.abc import AsyncIterator
 from typing import Any
@@ -141,6 +142,30 @@ async def test_failed_start_stops_what_it_started(backend: MemoryBackend) -> Non
     await wait_for(lambda: not box.running, 3, "the instance to be stopped")
     assert svc.state is State.FAILED
     assert svc.last_error is not None and svc.last_error["detail"]["instance_stopped"] is True
+
+
+async def test_a_stalled_loop_still_gives_the_start_verdict(backend: MemoryBackend) -> None:
+    """The loop stalls (a busy machine) past both the start's deadline and the waiter's: the
+    waiter still answers with what the start saw and did, not a bare timeout of its own."""
+    box = backend.add("box", start_delay=5)
+    svc = _service(backend, startup_timeout="0.3s")
+    loop = asyncio.get_running_loop()
+    loop.call_later(0.2, time.sleep, 0.6)  # blocks the loop from 0.2 s to 0.8 s
+    with pytest.raises(ServiceStartTimeout, match="Hestia stopped the instance"):
+        await svc.acquire()
+    await wait_for(lambda: not box.running, 3, "the instance to be stopped")
+
+
+async def test_a_start_that_lands_after_the_timeout_is_stopped(backend: MemoryBackend) -> None:
+    """The engine's start call outlasts startup_timeout (a loaded Docker daemon) and lands
+    after it: the instance it brings up is stopped, not left running for ever."""
+    box = backend.add("box", start_delay=5, start_call_delay=0.6)
+    svc = _service(backend, startup_timeout="0.3s")
+    with pytest.raises(ServiceStartTimeout, match="Hestia stopped the instance"):
+        await svc.acquire()
+    assert not box.running  # the start has not landed yet
+    await wait_for(lambda: box.starts == 1 and not box.running, 3, "the late start, then a stop")
+    assert [op for op, _ in backend.calls] == ["start", "stop"]
 
 
 async def test_failed_start_can_leave_the_instance_for_debugging(backend: MemoryBackend) -> None:

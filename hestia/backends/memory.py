@@ -45,6 +45,9 @@ class MemoryInstance:
     stop_delay: float = 0.0  # seconds a graceful stop takes
     ignores_stop: bool = False  # only a kill after the stop timeout ends it
     refuse_start: str | None = None  # the engine refuses to start it, with this message
+    # seconds the engine's start call takes; like docker-py's call in its thread, the start
+    # lands even when the caller stopped waiting for it
+    start_call_delay: float = 0.0
     # a crash leaves its connections open and silent (as when a container's network
     # namespace vanishes with data in flight): only the gateway can cut them
     freeze_on_crash: bool = False
@@ -78,6 +81,7 @@ class MemoryBackend:
         self.instances: dict[str, MemoryInstance] = {}  # by id
         self._subscribers: list[asyncio.Queue[BackendEvent]] = []
         self.calls: list[tuple[str, str]] = []  # (operation, instance name), in order
+        self._tasks: set[asyncio.Task[None]] = set()  # start calls still landing
 
     # ------------------------------------------------------------ scripting
     def add(self, name: str, **kwargs: object) -> MemoryInstance:
@@ -143,6 +147,16 @@ class MemoryBackend:
         self.calls.append(("start", inst.name))
         if inst.refuse_start is not None:
             raise BackendError(f"starting instance {inst.name!r}: {inst.refuse_start}")
+        if inst.start_call_delay:
+            landing = asyncio.get_running_loop().create_task(self._slow_start(inst))
+            self._tasks.add(landing)
+            landing.add_done_callback(self._tasks.discard)
+            await asyncio.shield(landing)
+            return
+        await self._start(inst)
+
+    async def _slow_start(self, inst: MemoryInstance) -> None:
+        await asyncio.sleep(inst.start_call_delay)
         await self._start(inst)
 
     async def stop(self, ref: str, spec: ServiceConfig, timeout: float) -> StopResult:
@@ -183,6 +197,8 @@ class MemoryBackend:
             self._subscribers.remove(queue)
 
     async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
         for inst in self.instances.values():
             for writer in inst._frozen:
                 writer.transport.abort()
