@@ -352,14 +352,7 @@ class Authenticator:
 
     # ---------------------------------------------------------------- answers
     async def _wrong_key(self, scope: Scope, send: Send, route: Route | None, client: str) -> None:
-        self._log_failure(scope, client, "unknown key")
-        if self.limiter.failed(client):
-            logger.warning(
-                "authentication: {} failed {} times: refused (429) for {:g}s",
-                client,
-                self.limiter.limit,
-                self.limiter.block,
-            )
+        self._unknown_key(scope, client)
         err = Unauthorized(
             _with_hint("the key is not valid (wrong, or no longer in the config)", scope, route),
             service=_svc(route),
@@ -382,6 +375,17 @@ class Authenticator:
             detail={"retry_after_s": seconds},
         )
         await self._refuse(scope, send, route, err, [(b"retry-after", str(seconds).encode())])
+
+    def _unknown_key(self, scope: Scope, client: str) -> None:
+        """A wrong key: logged, and counted against the client's rate limit."""
+        self._log_failure(scope, client, "unknown key")
+        if self.limiter.failed(client):
+            logger.warning(
+                "authentication: {} failed {} times: refused (429) for {:g}s",
+                client,
+                self.limiter.limit,
+                self.limiter.block,
+            )
 
     def _log_failure(self, scope: Scope, client: str, who: str, why: str = "") -> None:
         method = "WEBSOCKET" if scope["type"] == "websocket" else scope["method"]
@@ -547,14 +551,7 @@ class Authenticator:
         key = self.identify(presented[:_MAX_KEY_BYTES]) if presented else None
         if key is None:
             if presented:
-                self._log_failure(scope, client, "unknown key")
-                if self.limiter.failed(client):
-                    logger.warning(
-                        "authentication: {} failed {} times: refused (429) for {:g}s",
-                        client,
-                        self.limiter.limit,
-                        self.limiter.block,
-                    )
+                self._unknown_key(scope, client)
             message = "that key is not valid" if presented else "enter a key"
             if html_wanted:
                 page = _login_page(nxt, error=message)
