@@ -192,7 +192,14 @@ async def test_login_cookie_in_a_real_browser(gateway_factory: Any, tmp_path: Pa
 
             # sign in the way a person does: type the key, press Enter
             await page.navigate(f"{gw.url}/login?next=/services/web/")
-            assert await page.evaluate("document.activeElement.id") == "key"  # autofocus
+            # autofocus: applied once the page is rendered, a moment after load on a busy machine
+            focused = await page.evaluate(
+                "new Promise(ok => { const t0 = Date.now(); (function look() {"
+                "  const id = document.activeElement && document.activeElement.id;"
+                "  if (id === 'key' || Date.now() - t0 > 10000) ok(id); else setTimeout(look, 20);"
+                "})(); })"
+            )
+            assert focused == "key"
             await page.send("Input.insertText", text=KEY)
             mark = len(page.events)
             for kind in ("keyDown", "keyUp"):
