@@ -423,13 +423,21 @@ class Service:
                     await self.coordinator.before_start(self)
                 info = await backend.inspect(ref, spec)
                 if not info.running:
-                    # shielded: a timeout must not leave a start that lands after the stop
-                    # sent for the failure (docker-py's call goes on in its thread anyway)
+                    # shielded, so the verdict does not wait for it: a timeout cancels it and
+                    # the stop after the failure waits until it is over (a backend's start
+                    # returns from a cancel once nothing of it can land later)
                     start_call = loop.create_task(backend.start(ref, spec))
                     start_call.add_done_callback(_retrieved)
                     await asyncio.shield(start_call)
                     info = await backend.inspect(ref, spec)
                 upstream = await self._wait_ready(backend, ref, spec, info)
+        except asyncio.CancelledError:
+            # a stop (or shutdown) cancelled the start: the backend's start call ends first
+            # (Semaphore stops its task, Docker's lands), so the stop that follows is last
+            if start_call is not None and not start_call.done():
+                start_call.cancel()
+                await asyncio.wait([start_call], timeout=max(self.config.stop_timeout, 30.0))
+            raise
         except TimeoutError:
             err: HestiaError = ServiceStartTimeout(
                 f"service {self.name!r} (instance {self.instance_name or ref!r}) was not ready "
@@ -515,6 +523,8 @@ class Service:
         if info is not None:
             self._failed_started_at = info.started_at
         err.detail["instance_stopped"] = stop
+        if start_call is not None:
+            start_call.cancel()  # Semaphore stops its task; Docker's call lands, then returns
         if stop:
             err.message += "; Hestia stopped the instance (on_start_failure: stop)"
         self._fail(err, cause)
@@ -527,7 +537,9 @@ class Service:
     async def _stop_after_failure(self, ref: str, start_call: asyncio.Task[None] | None) -> None:
         assert self.backend is not None
         if start_call is not None:
-            await asyncio.wait([start_call])  # its failure was the start's to report
+            # bounded: a backend that does not return from a cancelled start must not hold
+            # the stop for ever
+            await asyncio.wait([start_call], timeout=max(self.config.stop_timeout, 30.0))
         try:
             result = await self.backend.stop(ref, self.config, self.config.stop_timeout)
         except HestiaError as exc:

@@ -168,6 +168,21 @@ async def test_a_start_that_lands_after_the_timeout_is_stopped(backend: MemoryBa
     assert [op for op, _ in backend.calls] == ["start", "stop"]
 
 
+async def test_a_stop_during_a_slow_start_call_comes_after_it(backend: MemoryBackend) -> None:
+    """A stop asked while the engine's start call is still out: the stop is sent after the
+    start has landed, so the instance does not come up behind it and run for ever."""
+    box = backend.add("box", start_delay=5, start_call_delay=0.5)
+    svc = _service(backend)
+    svc.ensure_started("request")
+    await wait_for(lambda: backend.count("start") == 1, 3, "the start call")
+    stop = svc.request_stop("api")
+    assert stop is not None
+    await asyncio.wait_for(stop, 5)
+    assert box.starts == 1 and not box.running
+    assert [op for op, _ in backend.calls] == ["start", "stop"]
+    assert svc.state is State.STOPPED
+
+
 async def test_failed_start_can_leave_the_instance_for_debugging(backend: MemoryBackend) -> None:
     box = backend.add("box", start_delay=5)
     svc = _service(backend, startup_timeout="0.3s", on_start_failure="leave")

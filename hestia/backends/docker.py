@@ -485,7 +485,19 @@ class DockerBackend:
         own = self.engine.self_id
         if own is not None and ref in (own, own[:12]):
             raise BackendError(f"container {ref!r} is Hestia's own container; not starting it")
-        await self.engine.call(f"starting container {ref!r}", lambda c: c.start(ref))
+        call = asyncio.ensure_future(
+            self.engine.call(f"starting container {ref!r}", lambda c: c.start(ref))
+        )
+        try:
+            await asyncio.shield(call)
+        except asyncio.CancelledError:
+            # docker-py's request goes on in its thread and the container may start after
+            # this: return from the cancel only once it is over, so a stop sent next is not
+            # overtaken by it (bounded by the client's timeout)
+            await asyncio.wait([call])
+            if not call.cancelled():
+                call.exception()  # seen: a failed start after a cancel is not news
+            raise
 
     async def stop(self, ref: str, spec: ServiceConfig, timeout: float) -> StopResult:
         seconds = max(0, round(timeout))

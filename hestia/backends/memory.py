@@ -151,7 +151,11 @@ class MemoryBackend:
             landing = asyncio.get_running_loop().create_task(self._slow_start(inst))
             self._tasks.add(landing)
             landing.add_done_callback(self._tasks.discard)
-            await asyncio.shield(landing)
+            try:
+                await asyncio.shield(landing)
+            except asyncio.CancelledError:
+                await asyncio.wait([landing])  # returns once the start has landed, as Docker's
+                raise
             return
         await self._start(inst)
 
