@@ -142,6 +142,22 @@ def busybox_image(docker_client: Any) -> str:
     return tag
 
 
+def new_scope() -> str:
+    """A fresh `docker.scope` for one test: the gateway manages only what carries it, so
+    leftovers of earlier runs on the engine are never touched."""
+    return "t-" + uuid.uuid4().hex[:8]
+
+
+def scoped_labels(scope: str, name: str, port: str | None = "80", **extra: str) -> dict[str, str]:
+    """Labels that opt a test container in as service `name` of gateway `scope`; `extra`
+    keys are label names after `hestia.`, with `__` for a dot (`idle__auto`)."""
+    labels = {"hestia.enable": "true", "hestia.scope": scope, "hestia.service": name}
+    if port is not None:
+        labels["hestia.port"] = port
+    labels.update({f"hestia.{k.replace('__', '.')}": v for k, v in extra.items()})
+    return labels
+
+
 class ContainerFactory:
     def __init__(self, client: Any, image: str) -> None:
         self.client = client

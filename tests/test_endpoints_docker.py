@@ -34,7 +34,15 @@ import pytest
 
 from hestia.backends import build_backends
 from hestia.config import parse_config
-from tests.conftest import RUN_ID, TEST_LABEL, ContainerFactory, free_port, wait_for
+from tests.conftest import (
+    RUN_ID,
+    TEST_LABEL,
+    ContainerFactory,
+    free_port,
+    new_scope,
+    scoped_labels,
+    wait_for,
+)
 
 pytestmark = pytest.mark.docker
 
@@ -213,20 +221,11 @@ def relay(second_engine: SecondEngine) -> Iterator[Relay]:
         r.cut()
 
 
-def _labels(scope: str, name: str) -> dict[str, str]:
-    return {
-        "hestia.enable": "true",
-        "hestia.scope": scope,
-        "hestia.service": name,
-        "hestia.port": "80",
-    }
-
-
 def _far(engine: SecondEngine, image: str, scope: str, name: str) -> Any:
     return engine.client.containers.create(
         image,
         name=f"hestia-t-{RUN_ID}-{name}-{uuid.uuid4().hex[:6]}",
-        labels={TEST_LABEL: RUN_ID, **_labels(scope, name)},
+        labels={TEST_LABEL: RUN_ID, **scoped_labels(scope, name)},
         ports={"80/tcp": ("127.0.0.1", None)},
     )
 
@@ -257,8 +256,8 @@ async def test_one_endpoint_cut_off_the_other_keeps_answering(
     busybox_image: str,
     gateway_factory: Any,
 ) -> None:
-    scope = "t-" + uuid.uuid4().hex[:8]
-    near = containers.create("near", labels=_labels(scope, "near"))
+    scope = new_scope()
+    near = containers.create("near", labels=scoped_labels(scope, "near"))
     far_web = _far(second_engine, busybox_image, scope, "far-web")
     far_cold = _far(second_engine, busybox_image, scope, "far-cold")
     relay.restore()
@@ -314,7 +313,7 @@ async def test_one_endpoint_cut_off_the_other_keeps_answering(
 async def test_endpoint_down_at_start_up_does_not_stop_hestia(
     second_engine: SecondEngine, relay: Relay, busybox_image: str, gateway_factory: Any
 ) -> None:
-    scope = "t-" + uuid.uuid4().hex[:8]
+    scope = new_scope()
     late = _far(second_engine, busybox_image, scope, "late")
     # the relay does not listen yet: the endpoint is down when the gateway starts
     # a config-named container (no labels of this scope) on the far endpoint

@@ -4,29 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from typing import Any
 
 import httpx
 import pytest
 
-from tests.conftest import ContainerFactory, wait_for
+from tests.conftest import ContainerFactory, new_scope, scoped_labels, wait_for
 
 pytestmark = pytest.mark.docker
-
-
-def _labels(scope: str, name: str, **extra: str) -> dict[str, str]:
-    return {
-        "hestia.enable": "true",
-        "hestia.scope": scope,
-        "hestia.service": name,
-        "hestia.port": "80",
-        **{f"hestia.{k.replace('__', '.')}": v for k, v in extra.items()},
-    }
-
-
-def _scope() -> str:
-    return "t-" + uuid.uuid4().hex[:8]
 
 
 def _cfg(scope: str, **services: Any) -> dict[str, Any]:
@@ -39,9 +24,9 @@ def _cfg(scope: str, **services: Any) -> dict[str, Any]:
 async def test_cold_start_through_proxy_then_idle_stop(
     containers: ContainerFactory, gateway_factory: Any, docker_backend: Any
 ) -> None:
-    scope = _scope()
+    scope = new_scope()
     c = containers.create(
-        "cold", labels=_labels(scope, "web", idle_timeout="2s"), env={"DELAY": "1"}
+        "cold", labels=scoped_labels(scope, "web", idle_timeout="2s"), env={"DELAY": "1"}
     )
     gw = await gateway_factory(_cfg(scope), docker_backend)
     assert gw.service("web").state == "stopped"
@@ -68,13 +53,13 @@ async def test_cold_start_through_proxy_then_idle_stop(
 async def test_many_concurrent_requests_one_start(
     containers: ContainerFactory, gateway_factory: Any, docker_backend: Any
 ) -> None:
-    scope = _scope()
+    scope = new_scope()
     # busybox httpd listens with a backlog of 9 and forks per connection: 200 simultaneous
     # connects overflow it and some wait out SYN retransmits for a minute (measured without
     # Hestia too). max_concurrency is the knob that protects such an upstream.
     c = containers.create(
         "burst",
-        labels=_labels(scope, "burst", max_concurrency="8", queue__max_waiting="500"),
+        labels=scoped_labels(scope, "burst", max_concurrency="8", queue__max_waiting="500"),
         env={"DELAY": "1"},
     )
     gw = await gateway_factory(_cfg(scope), docker_backend)
@@ -99,8 +84,10 @@ async def test_many_concurrent_requests_one_start(
 async def test_container_exits_during_start_gives_503_with_reason(
     containers: ContainerFactory, gateway_factory: Any, docker_backend: Any
 ) -> None:
-    scope = _scope()
-    containers.create("dies", labels=_labels(scope, "dies"), env={"DELAY": "0.5", "EXIT_CODE": "3"})
+    scope = new_scope()
+    containers.create(
+        "dies", labels=scoped_labels(scope, "dies"), env={"DELAY": "0.5", "EXIT_CODE": "3"}
+    )
     gw = await gateway_factory(_cfg(scope), docker_backend)
     async with httpx.AsyncClient(base_url=gw.url, timeout=30) as client:
         t0 = time.monotonic()
@@ -120,9 +107,9 @@ async def test_container_exits_during_start_gives_503_with_reason(
 async def test_startup_timeout_gives_504(
     containers: ContainerFactory, gateway_factory: Any, docker_backend: Any
 ) -> None:
-    scope = _scope()
+    scope = new_scope()
     containers.create(
-        "slow", labels=_labels(scope, "slow", startup_timeout="1s"), env={"DELAY": "30"}
+        "slow", labels=scoped_labels(scope, "slow", startup_timeout="1s"), env={"DELAY": "30"}
     )
     gw = await gateway_factory(_cfg(scope), docker_backend)
     async with httpx.AsyncClient(base_url=gw.url, timeout=30) as client:
@@ -137,7 +124,7 @@ async def test_startup_timeout_gives_504(
 async def test_docker_healthcheck_is_used_for_readiness(
     containers: ContainerFactory, gateway_factory: Any, docker_backend: Any
 ) -> None:
-    scope = _scope()
+    scope = new_scope()
     # the HEALTHCHECK passes once /tmp/up exists (1 s after start); failures within the
     # start period do not count, so the container goes starting -> healthy
     hc = {
@@ -147,7 +134,9 @@ async def test_docker_healthcheck_is_used_for_readiness(
         "retries": 3,
         "start_period": 20_000_000_000,
     }
-    c = containers.create("hc", labels=_labels(scope, "hc"), env={"DELAY": "1"}, healthcheck=hc)
+    c = containers.create(
+        "hc", labels=scoped_labels(scope, "hc"), env={"DELAY": "1"}, healthcheck=hc
+    )
     gw = await gateway_factory(_cfg(scope), docker_backend)
     async with httpx.AsyncClient(base_url=gw.url, timeout=30) as client:
         r = await client.get("/services/hc/")
@@ -159,14 +148,14 @@ async def test_docker_healthcheck_is_used_for_readiness(
 async def test_unhealthy_container_gives_503_with_health_output(
     containers: ContainerFactory, gateway_factory: Any, docker_backend: Any
 ) -> None:
-    scope = _scope()
+    scope = new_scope()
     hc = {
         "test": ["CMD", "sh", "-c", "echo database unreachable; exit 1"],
         "interval": 200_000_000,
         "timeout": 1_000_000_000,
         "retries": 1,
     }
-    containers.create("sick", labels=_labels(scope, "sick"), healthcheck=hc)
+    containers.create("sick", labels=scoped_labels(scope, "sick"), healthcheck=hc)
     gw = await gateway_factory(_cfg(scope), docker_backend)
     async with httpx.AsyncClient(base_url=gw.url, timeout=30) as client:
         r = await client.get("/services/sick/")
@@ -177,8 +166,8 @@ async def test_unhealthy_container_gives_503_with_health_output(
 async def test_running_container_is_adopted_not_restarted(
     containers: ContainerFactory, gateway_factory: Any, docker_backend: Any
 ) -> None:
-    scope = _scope()
-    c = containers.create("adopt", labels=_labels(scope, "adopt"), start=True)
+    scope = new_scope()
+    c = containers.create("adopt", labels=scoped_labels(scope, "adopt"), start=True)
     c.reload()
     started_at = c.attrs["State"]["StartedAt"]
     gw = await gateway_factory(_cfg(scope), docker_backend)
@@ -193,10 +182,10 @@ async def test_running_container_is_adopted_not_restarted(
 async def test_container_labelled_after_start_is_found_and_unlabelled_untouched(
     containers: ContainerFactory, gateway_factory: Any, docker_backend: Any
 ) -> None:
-    scope = _scope()
+    scope = new_scope()
     gw = await gateway_factory(_cfg(scope), docker_backend)
     plain = containers.create("plain", labels={"hestia.scope": scope, "hestia.service": "plain"})
-    late = containers.create("late", labels=_labels(scope, "late"))
+    late = containers.create("late", labels=scoped_labels(scope, "late"))
     await wait_for(lambda: "late" in gw.gateway.registry.services, 10, "the late container")
     async with httpx.AsyncClient(base_url=gw.url, timeout=30) as client:
         r = await client.get("/services/late/")
@@ -216,8 +205,8 @@ async def test_container_labelled_after_start_is_found_and_unlabelled_untouched(
 async def test_stream_outlives_idle_timeout(
     containers: ContainerFactory, gateway_factory: Any, docker_backend: Any
 ) -> None:
-    scope = _scope()
-    c = containers.create("stream", labels=_labels(scope, "stream", idle_timeout="1s"))
+    scope = new_scope()
+    c = containers.create("stream", labels=scoped_labels(scope, "stream", idle_timeout="1s"))
     gw = await gateway_factory(_cfg(scope), docker_backend)
     lines = []
     async with httpx.AsyncClient(base_url=gw.url, timeout=30) as client:
@@ -236,8 +225,8 @@ async def test_stream_outlives_idle_timeout(
 async def test_api_start_and_stop(
     containers: ContainerFactory, gateway_factory: Any, docker_backend: Any
 ) -> None:
-    scope = _scope()
-    c = containers.create("api", labels=_labels(scope, "api"))
+    scope = new_scope()
+    c = containers.create("api", labels=scoped_labels(scope, "api"))
     gw = await gateway_factory(_cfg(scope), docker_backend)
     async with httpx.AsyncClient(base_url=gw.url, timeout=30) as client:
         r = await client.post("/v1/services/api/start?wait=true")
@@ -258,8 +247,8 @@ async def test_api_start_and_stop(
 async def test_container_stopped_by_hand_is_noticed(
     containers: ContainerFactory, gateway_factory: Any, docker_backend: Any
 ) -> None:
-    scope = _scope()
-    c = containers.create("hand", labels=_labels(scope, "hand"))
+    scope = new_scope()
+    c = containers.create("hand", labels=scoped_labels(scope, "hand"))
     gw = await gateway_factory(_cfg(scope), docker_backend)
     c.start()
     await wait_for(lambda: gw.service("hand").state == "ready", 10, "started by hand")
@@ -270,7 +259,7 @@ async def test_container_stopped_by_hand_is_noticed(
 async def test_config_service_names_container(
     containers: ContainerFactory, gateway_factory: Any, docker_backend: Any
 ) -> None:
-    scope = _scope()
+    scope = new_scope()
     # no labels at all: being named in the config file is the opt-in
     c = containers.create("cfg", labels={})
     gw = await gateway_factory(
@@ -287,7 +276,7 @@ async def test_config_service_names_container(
 async def test_renamed_container_is_followed(
     containers: ContainerFactory, gateway_factory: Any, docker_backend: Any
 ) -> None:
-    scope = _scope()
+    scope = new_scope()
     # no hestia.service label: the service is named after the container
     c = containers.create("ren", labels={"hestia.enable": "true", "hestia.scope": scope})
     gw = await gateway_factory(_cfg(scope), docker_backend)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -13,23 +12,9 @@ import httpx
 import pytest
 
 from tests.browser import Browser
-from tests.conftest import ContainerFactory, wait_for
+from tests.conftest import ContainerFactory, new_scope, scoped_labels, wait_for
 
 pytestmark = pytest.mark.docker
-
-
-def _labels(scope: str, name: str, **extra: str) -> dict[str, str]:
-    return {
-        "hestia.enable": "true",
-        "hestia.scope": scope,
-        "hestia.service": name,
-        "hestia.port": "80",
-        **{f"hestia.{k.replace('__', '.')}": v for k, v in extra.items()},
-    }
-
-
-def _scope() -> str:
-    return "t-" + uuid.uuid4().hex[:8]
 
 
 def _cfg(scope: str, **services: Any) -> dict[str, Any]:
@@ -51,10 +36,10 @@ def _start_events(docker_client: Any, since: float, names: list[str]) -> list[st
 async def test_queue_overflow_and_timeout(
     containers: ContainerFactory, gateway_factory: Any, docker_backend: Any
 ) -> None:
-    scope = _scope()
+    scope = new_scope()
     containers.create(
         "q",
-        labels=_labels(scope, "q", queue__max_waiting="2", queue__timeout="1s"),
+        labels=scoped_labels(scope, "q", queue__max_waiting="2", queue__timeout="1s"),
         env={"DELAY": "60"},
     )
     gw = await gateway_factory(_cfg(scope), docker_backend)
@@ -70,8 +55,8 @@ async def test_queue_overflow_and_timeout(
 async def test_fifo_under_max_concurrency(
     containers: ContainerFactory, gateway_factory: Any, docker_backend: Any
 ) -> None:
-    scope = _scope()
-    containers.create("fifo", labels=_labels(scope, "fifo", max_concurrency="1"), start=True)
+    scope = new_scope()
+    containers.create("fifo", labels=scoped_labels(scope, "fifo", max_concurrency="1"), start=True)
     gw = await gateway_factory(_cfg(scope), docker_backend)
     svc = gw.service("fifo")
     await wait_for(lambda: svc.state == "ready", 15, "adoption")
@@ -98,10 +83,10 @@ async def test_fifo_under_max_concurrency(
 async def test_disconnecting_waiter_leaves_and_abandons_the_start(
     containers: ContainerFactory, gateway_factory: Any, docker_backend: Any
 ) -> None:
-    scope = _scope()
+    scope = new_scope()
     c = containers.create(
         "gone",
-        labels=_labels(scope, "gone", start__cancel_when_abandoned="true"),
+        labels=scoped_labels(scope, "gone", start__cancel_when_abandoned="true"),
         env={"DELAY": "60"},
     )
     gw = await gateway_factory(_cfg(scope), docker_backend)
@@ -119,8 +104,8 @@ async def test_disconnecting_waiter_leaves_and_abandons_the_start(
 async def test_waiting_page_in_chromium_lands_on_the_service(
     containers: ContainerFactory, gateway_factory: Any, docker_backend: Any, tmp_path: Path
 ) -> None:
-    scope = _scope()
-    containers.create("page", labels=_labels(scope, "page"), env={"DELAY": "3"})
+    scope = new_scope()
+    containers.create("page", labels=scoped_labels(scope, "page"), env={"DELAY": "3"})
     gw = await gateway_factory(_cfg(scope), docker_backend)
     async with Browser() as browser:
         await browser.goto(f"{gw.url}/services/page/")
@@ -134,8 +119,8 @@ async def test_waiting_page_in_chromium_lands_on_the_service(
 async def test_keep_warm_starts_at_startup(
     containers: ContainerFactory, gateway_factory: Any, docker_backend: Any
 ) -> None:
-    scope = _scope()
-    c = containers.create("warm", labels=_labels(scope, "warm", keep_warm="true"))
+    scope = new_scope()
+    c = containers.create("warm", labels=scoped_labels(scope, "warm", keep_warm="true"))
     gw = await gateway_factory(_cfg(scope), docker_backend)
     await wait_for(lambda: gw.service("warm").state == "ready", 20, "started with Hestia")
     assert containers.state(c) == "running"
@@ -150,9 +135,10 @@ async def test_schedule_window_with_an_injected_clock(
     from hestia.app import Gateway
     from hestia.config import parse_config
 
-    scope = _scope()
+    scope = new_scope()
     c = containers.create(
-        "sched", labels=_labels(scope, "sched", warm_schedule="Sat 10:00-12:00", idle_timeout="1s")
+        "sched",
+        labels=scoped_labels(scope, "sched", warm_schedule="Sat 10:00-12:00", idle_timeout="1s"),
     )
     now = [datetime(2026, 11, 28, 9, 0, tzinfo=UTC)]  # Saturday 09:00
     config = parse_config(
@@ -179,9 +165,9 @@ async def test_schedule_window_with_an_injected_clock(
 async def test_dependencies_start_first(
     containers: ContainerFactory, gateway_factory: Any, docker_backend: Any, docker_client: Any
 ) -> None:
-    scope = _scope()
-    db = containers.create("db", labels=_labels(scope, "db"), env={"DELAY": "1"})
-    app = containers.create("app", labels=_labels(scope, "app", depends_on="db"))
+    scope = new_scope()
+    db = containers.create("db", labels=scoped_labels(scope, "db"), env={"DELAY": "1"})
+    app = containers.create("app", labels=scoped_labels(scope, "app", depends_on="db"))
     gw = await gateway_factory(_cfg(scope), docker_backend)
     since = time.time() - 1
     async with httpx.AsyncClient(base_url=gw.url, timeout=30) as client:
@@ -193,9 +179,9 @@ async def test_dependencies_start_first(
 async def test_exclusive_group_swap_keeps_the_in_flight_stream(
     containers: ContainerFactory, gateway_factory: Any, docker_backend: Any
 ) -> None:
-    scope = _scope()
-    a = containers.create("gpu-a", labels=_labels(scope, "a", exclusive_group="gpu"))
-    b = containers.create("gpu-b", labels=_labels(scope, "b", exclusive_group="gpu"))
+    scope = new_scope()
+    a = containers.create("gpu-a", labels=scoped_labels(scope, "a", exclusive_group="gpu"))
+    b = containers.create("gpu-b", labels=scoped_labels(scope, "b", exclusive_group="gpu"))
     gw = await gateway_factory(_cfg(scope), docker_backend)
     async with httpx.AsyncClient(base_url=gw.url, timeout=60) as client:
         async with client.stream("GET", "/services/a/cgi-bin/stream?10") as stream:
@@ -213,9 +199,9 @@ async def test_exclusive_group_swap_keeps_the_in_flight_stream(
 async def test_ignored_paths_do_not_wake(
     containers: ContainerFactory, gateway_factory: Any, docker_backend: Any
 ) -> None:
-    scope = _scope()
+    scope = new_scope()
     c = containers.create(
-        "wake", labels=_labels(scope, "wake", wake__ignore_paths="/favicon.ico,/robots.txt")
+        "wake", labels=scoped_labels(scope, "wake", wake__ignore_paths="/favicon.ico,/robots.txt")
     )
     gw = await gateway_factory(_cfg(scope), docker_backend)
     async with httpx.AsyncClient(base_url=gw.url, timeout=30) as client:

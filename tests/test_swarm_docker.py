@@ -28,7 +28,7 @@ import pytest
 
 from hestia.backends.docker import DockerEngine
 from hestia.backends.swarm import SwarmBackend
-from tests.conftest import RUN_ID, TEST_LABEL, free_port, wait_for
+from tests.conftest import RUN_ID, TEST_LABEL, free_port, new_scope, scoped_labels, wait_for
 
 pytestmark = pytest.mark.docker
 
@@ -181,19 +181,6 @@ def swarm_backend(swarm_mode: None) -> Any:
     return SwarmBackend(DockerEngine())  # the gateway closes it
 
 
-def _scope() -> str:
-    return "t-" + uuid.uuid4().hex[:8]
-
-
-def _labels(scope: str, name: str, **extra: str) -> dict[str, str]:
-    return {
-        "hestia.enable": "true",
-        "hestia.scope": scope,
-        "hestia.service": name,
-        **{f"hestia.{k}": v for k, v in extra.items()},
-    }
-
-
 def _cfg(scope: str, reconcile: str = "1s") -> dict[str, Any]:
     return {
         "docker": {"enabled": False, "scope": scope, "reconcile_interval": reconcile},
@@ -204,11 +191,9 @@ def _cfg(scope: str, reconcile: str = "1s") -> dict[str, Any]:
 async def test_cold_start_by_scaling_up_then_idle_scale_down(
     swarm_services: SwarmServices, gateway_factory: Any, swarm_backend: Any
 ) -> None:
-    scope = _scope()
+    scope = new_scope()
     port = free_port()
-    svc = swarm_services.create(
-        "web", _labels(scope, "web", port="80", idle_timeout="2s"), publish=port
-    )
+    svc = swarm_services.create("web", scoped_labels(scope, "web", idle_timeout="2s"), publish=port)
     gw = await gateway_factory(_cfg(scope), {"swarm": swarm_backend})
     assert gw.service("web").state == "stopped"
     async with httpx.AsyncClient(base_url=gw.url, timeout=60) as client:
@@ -234,10 +219,10 @@ async def test_cold_start_by_scaling_up_then_idle_scale_down(
 async def test_missing_image_is_a_clear_503(
     swarm_services: SwarmServices, gateway_factory: Any, swarm_backend: Any
 ) -> None:
-    scope = _scope()
+    scope = new_scope()
     svc = swarm_services.create(
         "noimg",
-        _labels(scope, "noimg", port="80", startup_timeout="90s"),
+        scoped_labels(scope, "noimg", startup_timeout="90s"),
         image=f"hestia-test-missing-{RUN_ID}:none",
         publish=free_port(),
     )
@@ -261,8 +246,10 @@ async def test_missing_image_is_a_clear_503(
 async def test_global_mode_is_refused_and_said_so(
     swarm_services: SwarmServices, gateway_factory: Any, swarm_backend: Any
 ) -> None:
-    scope = _scope()
-    svc = swarm_services.create("everywhere", _labels(scope, "everywhere"), replicas=None)
+    scope = new_scope()
+    svc = swarm_services.create(
+        "everywhere", scoped_labels(scope, "everywhere", port=None), replicas=None
+    )
     version = svc.attrs["Version"]["Index"]
     gw = await gateway_factory(_cfg(scope), {"swarm": swarm_backend})
     async with httpx.AsyncClient(base_url=gw.url, timeout=30) as client:
@@ -286,8 +273,10 @@ async def test_a_tasks_labelled_container_is_left_to_swarm(
     the Docker backend must not start or stop it behind Swarm's back."""
     from hestia.backends.docker import DockerBackend
 
-    scope = _scope()
-    svc = swarm_services.create("tasklabels", {}, replicas=1, container_labels=_labels(scope, "t"))
+    scope = new_scope()
+    svc = swarm_services.create(
+        "tasklabels", {}, replicas=1, container_labels=scoped_labels(scope, "t", port=None)
+    )
     await wait_for(lambda: swarm_services.running_tasks(svc) == 1, 30, "a running task")
     backend = DockerBackend()
     try:
@@ -300,11 +289,11 @@ async def test_a_tasks_labelled_container_is_left_to_swarm(
 async def test_service_labelled_later_is_found_by_its_event(
     swarm_services: SwarmServices, gateway_factory: Any, swarm_backend: Any
 ) -> None:
-    scope = _scope()
+    scope = new_scope()
     # no periodic reconcile: only the events can tell
     gw = await gateway_factory(_cfg(scope, reconcile="0"), {"swarm": swarm_backend})
     assert "late" not in gw.gateway.registry
-    svc = swarm_services.create("late", _labels(scope, "late", port="80"), publish=free_port())
+    svc = swarm_services.create("late", scoped_labels(scope, "late"), publish=free_port())
     await wait_for(lambda: "late" in gw.gateway.registry, 10, "the service from its event")
     assert gw.service("late").status()["container"] == svc.name
     svc.remove()
