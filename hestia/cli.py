@@ -11,7 +11,7 @@ from loguru import logger
 
 from hestia import __version__
 from hestia.backends import build_backends
-from hestia.config import load_config
+from hestia.config import DEFAULT_CONFIG_PATH, load_config
 from hestia.errors import HestiaError
 from hestia.logs import setup_logging
 from hestia.server import build_server
@@ -31,8 +31,10 @@ def _serve(args: argparse.Namespace) -> int:
     from hestia.app import Gateway
     from hestia.proxy import JsonAccessLog
 
+    path = args.config or os.environ.get("HESTIA_CONFIG") or DEFAULT_CONFIG_PATH
+    watched = path if (args.config or os.environ.get("HESTIA_CONFIG") or config.source) else None
     try:
-        gateway = Gateway(config, build_backends(config))
+        gateway = Gateway(config, build_backends(config), config_path=watched, handle_sighup=True)
         gateway.store.migrate()  # a database that cannot be used stops start-up here, clearly
     except HestiaError as exc:
         logger.error("{}", exc.message)

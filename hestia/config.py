@@ -1094,6 +1094,21 @@ class RoutingConfig(_Strict):
         return (f"{label}.localhost", f"{label}.{self.domain}")
 
 
+class ReloadConfig(_Strict):
+    """Live configuration: how edits of this file are taken up while Hestia runs."""
+
+    watch: bool = Field(
+        default=True,
+        description="watch the config file's folder and reload on every change (also: SIGHUP, "
+        "POST /v1/config/reload); read at start-up",
+    )
+    on_remove: Literal["leave", "stop"] = Field(
+        default="leave",
+        description="what happens to the instance of a service removed from the file: `leave` "
+        "it as it is, or `stop` it once its requests in flight are done",
+    )
+
+
 class HestiaConfig(_Strict):
     server: ServerConfig = ServerConfig()
     schedule: ScheduleConfig = ScheduleConfig()
@@ -1106,6 +1121,7 @@ class HestiaConfig(_Strict):
     database: DatabaseConfig = DatabaseConfig()
     auth: AuthConfig = AuthConfig()
     routing: RoutingConfig = RoutingConfig()
+    reload: ReloadConfig = ReloadConfig()
     defaults: _Settings = _Settings()
     services: dict[str, _ServiceEntry] = {}
     _source: str | None = PrivateAttr(default=None)
@@ -1235,14 +1251,22 @@ def valid_service_name(name: str) -> bool:
     return bool(_NAME.match(name))
 
 
-def _describe(exc: ValidationError, source: str, prefix: str = "") -> str:
+def validation_problems(exc: ValidationError, prefix: str = "") -> list[dict[str, str]]:
+    """Each problem pydantic found, as {"path": "services.x.port", "reason": "..."}."""
     problems = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"])
         path = ".".join(p for p in (prefix, loc) if p)
         msg = err["msg"].removeprefix("Value error, ")
-        problems.append(f"{path or '(top level)'}: {msg}")
-    return f"invalid config in {source}: " + "; ".join(problems)
+        problems.append({"path": path or "(top level)", "reason": msg})
+    return problems
+
+
+def _describe(exc: ValidationError, source: str, prefix: str = "") -> str:
+    problems = validation_problems(exc, prefix)
+    return f"invalid config in {source}: " + "; ".join(
+        f"{p['path']}: {p['reason']}" for p in problems
+    )
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -1316,9 +1340,13 @@ def parse_config_text(text: str, source: str = "<config>") -> HestiaConfig:
         raw = yaml.load(text, Loader=_UniqueKeyLoader) or {}  # a SafeLoader
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        place = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        where = f" at {place}" if place else ""
         what = " ".join(p for p in (exc.context, exc.problem) if p)
-        raise ConfigError(f"invalid YAML in {source}{where}: {what}") from None
+        raise ConfigError(
+            f"invalid YAML in {source}{where}: {what}",
+            detail={"file": source, "errors": [{"path": place or "(YAML)", "reason": what}]},
+        ) from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"invalid YAML in {source}: {exc}") from None
     return parse_config(raw, source=source)
@@ -1331,7 +1359,10 @@ def parse_config(raw: Any, source: str = "<config>") -> HestiaConfig:
         cfg = HestiaConfig.model_validate(raw)
         cfg._source = source
     except ValidationError as exc:
-        raise ConfigError(_describe(exc, source)) from None
+        raise ConfigError(
+            _describe(exc, source),
+            detail={"file": source, "errors": validation_problems(exc)},
+        ) from None
     for name in cfg.docker.endpoints:
         if not valid_service_name(str(name)):
             raise ConfigError(
