@@ -31,6 +31,7 @@ from pydantic import (
     PrivateAttr,
     SecretStr,
     ValidationError,
+    WithJsonSchema,
     model_validator,
 )
 
@@ -122,7 +123,13 @@ def parse_duration(value: Any) -> float:
     return seconds
 
 
-Duration = Annotated[float, BeforeValidator(parse_duration)]
+_DURATION_SCHEMA = {
+    "anyOf": [
+        {"type": "number", "minimum": 0},
+        {"type": "string", "pattern": r"^\s*\d+(\.\d+)?\s*(ms|s|m|h|d)?\s*$"},
+    ]
+}
+Duration = Annotated[float, BeforeValidator(parse_duration), WithJsonSchema(_DURATION_SCHEMA)]
 
 _ENV_REF = re.compile(r"\$(\$?)\{([^}]*)\}")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -250,7 +257,11 @@ def _parse_hosts(value: Any) -> Any:
     return tuple(out)
 
 
-Hosts = Annotated[tuple[str, ...], BeforeValidator(_parse_hosts)]
+Hosts = Annotated[
+    tuple[str, ...],
+    BeforeValidator(_parse_hosts),
+    WithJsonSchema({"anyOf": [{"type": "array", "items": {"type": "string"}}, {"type": "string"}]}),
+]
 
 
 class _Strict(BaseModel):
@@ -306,7 +317,8 @@ def _check_window(value: str) -> str:
     return value
 
 
-StrList = Annotated[list[str], BeforeValidator(_split_list)]
+_LIST_SCHEMA = {"anyOf": [{"type": "array", "items": {"type": "string"}}, {"type": "string"}]}
+StrList = Annotated[list[str], BeforeValidator(_split_list), WithJsonSchema(_LIST_SCHEMA)]
 
 
 class QueueConfig(_Strict):
@@ -346,7 +358,11 @@ def _idle_timeout(value: Any) -> Any:
     return parse_duration(value)
 
 
-IdleTimeout = Annotated[float | Literal["auto"], BeforeValidator(_idle_timeout)]
+IdleTimeout = Annotated[
+    float | Literal["auto"],
+    BeforeValidator(_idle_timeout),
+    WithJsonSchema({"anyOf": [*_DURATION_SCHEMA["anyOf"], {"const": "auto"}]}),
+]
 
 
 def _check_url(value: str | None) -> str | None:
@@ -443,8 +459,34 @@ def _check_signal(value: Any) -> Any:
 
 
 Url = Annotated[str | None, AfterValidator(_check_url)]
-Argv = Annotated[list[str] | None, BeforeValidator(_argv)]
-EnvMap = Annotated[dict[str, str] | None, BeforeValidator(_env_values)]
+Argv = Annotated[
+    list[str] | None,
+    BeforeValidator(_argv),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "array", "items": {"type": "string"}},
+                {"type": "string"},
+                {"type": "null"},
+            ]
+        }
+    ),
+]
+EnvMap = Annotated[
+    dict[str, str] | None,
+    BeforeValidator(_env_values),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {
+                    "type": "object",
+                    "additionalProperties": {"type": ["string", "number", "boolean"]},
+                },
+                {"type": "null"},
+            ]
+        }
+    ),
+]
 StopSignal = Annotated[str | None, BeforeValidator(_check_signal)]
 # the URL a process service answers at by default (PORT: a free port Hestia picks)
 DEFAULT_PROCESS_URL = "http://127.0.0.1:${PORT}"
@@ -677,7 +719,13 @@ def parse_size(value: Any) -> int:
     return int(m.group(1)) * _UNIT_BYTES[(m.group(2) or "b").lower()]
 
 
-Size = Annotated[int, BeforeValidator(parse_size)]
+Size = Annotated[
+    int,
+    BeforeValidator(parse_size),
+    WithJsonSchema(
+        {"anyOf": [{"type": "integer"}, {"type": "string", "pattern": r"^\s*\d+\s*[A-Za-z]*$"}]}
+    ),
+]
 
 
 class ServerLimits(_Strict):
