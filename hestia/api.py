@@ -442,7 +442,8 @@ def build_api(
 
 
 def _docs(api: FastAPI) -> None:
-    """/docs with Swagger UI's files from the swagger-ui-bundle package (nothing from a CDN)."""
+    """/docs with Swagger UI's files from the swagger-ui-bundle-v2 package (nothing from a
+    CDN)."""
     from fastapi.openapi.docs import get_swagger_ui_html
     from starlette.staticfiles import StaticFiles
     from swagger_ui_bundle import swagger_ui_path

@@ -66,6 +66,8 @@ _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 _WWW_AUTHENTICATE = (b"www-authenticate", b'Bearer realm="hestia"')
 _MAX_FORM_BYTES = 8192
 _MAX_KEY_BYTES = 4096
+# pages of the gateway's own that a browser without a session is sent to /login for
+_PAGES = frozenset({"/", "/ui"})
 
 
 class MethodNotAllowed(HestiaError):
@@ -294,6 +296,10 @@ class Authenticator:
         elif session is not None:
             key, via = session, "cookie"
         else:
+            if route is None and method == "GET" and scope["path"] in _PAGES and _wants_html(scope):
+                # a person opening the dashboard: to the sign-in page, and back after it
+                await _send(send, 303, b"", [(b"location", b"/login?next=/ui")])
+                return False
             if cookie is not None:
                 message = "your session has expired or its key changed; sign in again"
             else:

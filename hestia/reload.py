@@ -219,6 +219,7 @@ class ConfigReloader:
             async for changes in awatch(
                 folder,
                 watch_filter=self._concerns_us,
+                recursive=False,  # the folder may be a whole project (docker-compose.yml's)
                 stop_event=self._stop,
                 debounce=400,
                 step=100,

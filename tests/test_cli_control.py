@@ -118,7 +118,11 @@ async def test_status_start_stop_and_events(gateway_factory: Any) -> None:
         code, _, _ = await hestia("start", "web", url=gw.url)
         assert code == OK
         new = json.loads(await asyncio.wait_for(proc.stdout.readline(), 30))
-        assert (new["service"], new["from_state"], new["to_state"]) == ("web", "stopped", "starting")
+        assert (new["service"], new["from_state"], new["to_state"]) == (
+            "web",
+            "stopped",
+            "starting",
+        )
     finally:
         proc.terminate()
         await asyncio.wait_for(proc.wait(), 20)

@@ -13,10 +13,16 @@ HERE = Path(__file__).parent
 _FILES = {
     "dashboard.js": "text/javascript; charset=utf-8",
     "dashboard.css": "text/css; charset=utf-8",
+    "favicon.svg": "image/svg+xml",
 }
 
 
 def mount_ui(api: FastAPI) -> None:
+    @api.get("/favicon.ico", include_in_schema=False)
+    async def favicon() -> FileResponse:
+        # browsers ask for it on every page of the gateway's own
+        return FileResponse(HERE / "favicon.svg", media_type="image/svg+xml")
+
     @api.get("/ui", include_in_schema=False)
     async def dashboard() -> FileResponse:
         return FileResponse(
