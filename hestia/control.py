@@ -189,8 +189,7 @@ async def _follow_start(
             continue
         new = data["to_state"]
         reason = f": {data['reason']}" if data.get("reason") else ""
-        took = f" after {data['duration_ms'] / 1000:.1f}s" if data.get("duration_ms") else ""
-        ctl.print(f"{name}: {data['from_state']} -> {new} ({data['cause']}{took}){reason}")
+        ctl.print(f"{name}: {data['from_state']} -> {new} ({data['cause']}){reason}")
         if new == "ready":
             return OK
         if new == "failed":

@@ -67,7 +67,7 @@ async def test_status_start_stop_and_events(gateway_factory: Any) -> None:
     lines = out.splitlines()
     assert lines[0] == "web: stopped"
     assert lines[1].startswith("web: stopped -> starting (api")
-    assert lines[2].startswith("web: starting -> ready (api after ")
+    assert lines[2].startswith("web: starting -> ready (api): ready after ")
     assert web.running
 
     code, out, _ = await hestia("status", "web", "--json", url=gw.url)
