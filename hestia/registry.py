@@ -126,23 +126,16 @@ class Registry:
         static = self.check(config)
         before = {name: svc.config for name, svc in self.services.items()}
         gone = set(self.config.services) - set(config.services)
-        # what each removed service ran, before _apply() unbinds it
-        ran = {
-            name: svc.instance_id or svc.config.instance
-            for name, svc in self.services.items()
-            if name in gone and svc.state in (State.STARTING, State.READY)
-        }
         self.config = config
         self._static = static
         self._tz = zone(config.schedule.timezone)
+        # removed from the file and claimed by no labelled instance either: gone now (not
+        # unbound and held for a replacement, as when an instance disappears)
+        desired = self._desired()
+        removed = sorted(n for n in gone if n not in desired and n in self.services)
+        for name in removed:
+            self._remove_from_config(name, stop=config.reload.on_remove == "stop")
         self._apply(set())
-        removed = []
-        for name in sorted(gone):
-            if name in self._removals:  # nothing else (no labelled instance) claims the name
-                self._removals.pop(name).cancel()
-                stop = config.reload.on_remove == "stop"
-                self._remove_from_config(name, ran.get(name) if stop else None)
-                removed.append(name)
         return {
             "added": sorted(n for n in self.services if n not in before),
             "changed": sorted(
@@ -151,9 +144,12 @@ class Registry:
             "removed": removed,
         }
 
-    def _remove_from_config(self, name: str, stop: str | None) -> None:
-        """`stop`: the instance to stop once the requests in flight are done (None: leave)."""
+    def _remove_from_config(self, name: str, *, stop: bool) -> None:
         svc = self.services.pop(name)
+        if name in self._removals:
+            self._removals.pop(name).cancel()
+        ref = svc.instance_id or svc.config.instance
+        running = svc.state in (State.STARTING, State.READY)
         svc.remove("it was removed from the config file")
         logger.info(
             "service {} removed from the config file: no longer routed; its instance is {}",
@@ -161,9 +157,9 @@ class Registry:
             "stopped once its requests in flight are done" if stop else "left as it is",
         )
         self._publish_routes()
-        if stop is not None and svc.backend is not None:
+        if stop and running and ref is not None and svc.backend is not None:
             self._tasks.append(
-                asyncio.create_task(self._stop_removed(svc, stop), name=f"hestia-remove-{name}")
+                asyncio.create_task(self._stop_removed(svc, ref), name=f"hestia-remove-{name}")
             )
 
     async def _stop_removed(self, svc: Service, ref: str) -> None:

@@ -310,3 +310,32 @@ async def test_sighup_reloads_the_file(tmp_path: Path) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+async def test_an_entry_removed_for_a_labelled_instance_falls_back_to_its_labels(
+    gateway_factory: Any, tmp_path: Path
+) -> None:
+    backend = MemoryBackend()
+    box = backend.add("lab", labels={"hestia.enable": "true", "hestia.idle_timeout": "3m"})
+    path = tmp_path / "hestia_config.yml"
+    raw: dict[str, Any] = {
+        "docker": {"reconcile_interval": 0},
+        "reload": {"watch": False, "on_remove": "stop"},
+        "services": {"lab": {"container": "lab", "backend": "memory", "idle_timeout": "9m"}},
+    }
+    gw = await gateway_factory(raw, {"memory": backend}, config_path=path)
+    async with httpx.AsyncClient(base_url=gw.url, timeout=30) as client:
+        assert (await client.get("/services/lab/")).status_code == 200
+        svc = gw.service("lab")
+        assert svc.config.idle_timeout == 540 and svc.config.source == "config+labels"
+        save_in_place(path, yaml.safe_dump({**raw, "services": {}}))
+        r = await client.post("/v1/config/reload")
+        assert r.status_code == 200, r.text
+        changes = r.json()["last_reload"]["changes"]
+        assert changes["removed"] == [] and changes["changed"] == ["lab"]
+        # the same service, now on its labels alone; its instance kept serving
+        assert gw.service("lab") is svc and svc.config.source == "labels"
+        assert svc.config.idle_timeout == 180
+        assert (await client.get("/services/lab/")).status_code == 200
+        assert box.starts == 1 and box.running
+    await backend.close()
