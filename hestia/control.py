@@ -72,15 +72,14 @@ class Control:
     async def __aexit__(self, *exc: object) -> None:
         await self.client.aclose()
 
-    async def call(
-        self, method: str, path: str, *, timeout: float | None = None, **params: Any
-    ) -> Any:
+    async def call(self, method: str, path: str, *, patient: bool = False, **params: Any) -> Any:
+        """`patient`: no read timeout (an answer that waits for a stop)."""
         try:
             r = await self.client.request(
                 method,
                 path,
                 params=params or None,
-                timeout=timeout if timeout is not None else httpx.USE_CLIENT_DEFAULT,
+                timeout=httpx.Timeout(30.0, read=None) if patient else httpx.USE_CLIENT_DEFAULT,
             )
         except httpx.TimeoutException:
             raise _fail(f"{self.url} did not answer {method} {path} in time", UNREACHABLE) from None
@@ -201,9 +200,7 @@ async def _follow_start(
 
 
 async def stop(ctl: Control, name: str, wait: bool) -> int:
-    s = await ctl.call(
-        "POST", f"/v1/services/{name}/stop", timeout=None if wait else 30.0, wait=wait
-    )
+    s = await ctl.call("POST", f"/v1/services/{name}/stop", patient=wait, wait=wait)
     ctl.print(f"{name}: {s['state']}")
     return OK
 
