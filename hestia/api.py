@@ -432,7 +432,10 @@ def build_api(
         )
 
     @api.get("/", include_in_schema=False)
-    async def root() -> Response:
+    async def root(request: Request) -> Response:
+        # a browser is shown the dashboard; anything else gets the API's 404 as before
+        if "text/html" not in request.headers.get("accept", ""):
+            raise StarletteHTTPException(404)
         return RedirectResponse("/ui", status_code=303)
 
     mount_ui(api)
