@@ -419,8 +419,8 @@ def build_api(
         service: str | None = Query(None, description="only this service's events"),
     ) -> Response:
         """Server-Sent Events: `transition` (a lifecycle change, with the service's status),
-        `config` (a reload applied), and `services` (every service's status, at once and
-        every 2 s)."""
+        `config` (a reload applied or refused, as in `last_reload` of GET /v1/config), and
+        `services` (every service's status, at once and every 2 s)."""
         if feed is None:
             raise ConfigError("this gateway has no event feed")
         if service is not None:

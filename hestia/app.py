@@ -93,7 +93,12 @@ class Gateway:
         )
         self.auth = Authenticator(config.auth, trusted)
         self.feed = Feed(self._statuses)
-        self.reloader = ConfigReloader(config_path, config, self.apply_config)
+        self.reloader = ConfigReloader(
+            config_path,
+            config,
+            self.apply_config,
+            lambda outcome: self.feed.publish({"type": "config", **outcome.to_dict()}),
+        )
         self._handle_sighup = handle_sighup
         self.api = build_api(
             self.registry, self.metrics, self.store, self.auth, self.reloader, self.feed
@@ -137,7 +142,6 @@ class Gateway:
             self.warm_up()
             if self.registry.backends:  # instances the new entries name: find them now
                 self._spawn(self._reconcile_quietly(), "hestia-reload-reconcile")
-        self.feed.publish({"type": "config", "changes": changes})
         return changes
 
     async def _reconcile_quietly(self) -> None:

@@ -75,8 +75,15 @@ class ConfigReloader:
     watch. `apply(new)` changes the gateway (and says what changed); it raises ConfigError
     when the new version cannot be applied (e.g. a backend that is not running)."""
 
-    def __init__(self, path: str | Path | None, config: HestiaConfig, apply: Apply) -> None:
+    def __init__(
+        self,
+        path: str | Path | None,
+        config: HestiaConfig,
+        apply: Apply,
+        on_outcome: Callable[[ReloadOutcome], None] | None = None,
+    ) -> None:
         self.path = Path(path) if path is not None else None
+        self._on_outcome = on_outcome
         self.config = config
         self._apply = apply
         self.hash: str | None = None
@@ -100,6 +107,8 @@ class ConfigReloader:
         async with self._lock:
             outcome = await self._reload(cause)
         self.last = outcome
+        if self._on_outcome is not None and outcome.result != "unchanged":
+            self._on_outcome(outcome)
         return outcome
 
     async def _reload(self, cause: str) -> ReloadOutcome:

@@ -15,6 +15,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
+import yaml
 
 from hestia.backends.memory import MemoryBackend
 from tests.cdp import Page, chromium
@@ -135,5 +136,39 @@ async def test_with_auth_on_the_dashboard_asks_to_sign_in(
         await page.evaluate(f"{row('m')}.querySelector('button[data-action=start]').click()")
         state = f"{row('m')}.querySelector('[data-state]').dataset.state"
         await page.wait_for(f"{state} === 'ready'", 20, "the row to turn ready")
+        only_the_gateway(page, gw.url)
+    await backend.close()
+
+
+async def test_a_refused_config_edit_shows_on_the_page(
+    gateway_factory: Any, tmp_path: Path
+) -> None:
+    backend = MemoryBackend()
+    backend.add("m-box")
+    path = tmp_path / "hestia_config.yml"
+    raw: dict[str, Any] = {
+        "docker": {"reconcile_interval": 0},
+        "services": {"m": {"container": "m-box", "backend": "memory"}},
+    }
+    gw = await gateway_factory(raw, {"memory": backend}, config_path=path)
+    async with chromium(tmp_path / "profile", offline=True) as browser:
+        page = await browser.new_page()
+        await page.navigate(f"{gw.url}/ui")
+        await page.wait_for(
+            "document.getElementById('live').textContent === 'live'", 20, "the live feed"
+        )
+        banner = "document.getElementById('config-error')"
+        assert await page.evaluate(f"{banner}.hidden") is True
+        raw["services"]["m"]["idle_timeout"] = "soon"
+        path.write_text(yaml.safe_dump(raw))
+        text = await page.wait_for(
+            f"!{banner}.hidden && {banner}.innerText", 20, "the refused edit on the page"
+        )
+        assert "services.m.idle_timeout" in text and "running configuration stays" in text
+        raw["services"]["m"]["idle_timeout"] = "5m"
+        raw["services"]["n"] = {"url": "http://127.0.0.1:9"}
+        path.write_text(yaml.safe_dump(raw))
+        await page.wait_for(f"{banner}.hidden", 20, "the banner to go once a valid save")
+        await page.wait_for(f"{row('n')} !== null", 20, "the added service's row")
         only_the_gateway(page, gw.url)
     await backend.close()

@@ -52,6 +52,21 @@ async function act(name, action) {
   }
 }
 
+function showConfig(error) {
+  const box = document.getElementById("config-error");
+  if (!error) {
+    box.hidden = true;
+    return;
+  }
+  const problems = (error.errors || []).map((p) => `${p.path}: ${p.reason}`);
+  box.replaceChildren(
+    el("strong", {}, `${error.file || "the config file"} was not applied`),
+    " (the running configuration stays):",
+    el("ul", {}, ...problems.map((p) => el("li", {}, p))),
+  );
+  box.hidden = false;
+}
+
 function render() {
   const tbody = document.querySelector("#services tbody");
   const names = [...rows.keys()].sort();
@@ -133,6 +148,8 @@ async function load() {
   const body = await r.json();
   for (const s of body.services) update(s);
   render();
+  const config = await fetch("/v1/config");
+  if (config.ok) showConfig((await config.json()).error);
   const ev = await fetch("/v1/events/recent?limit=50");
   if (ev.ok) for (const e of (await ev.json()).events) addEvent(e, false);
 }
@@ -148,6 +165,10 @@ function follow() {
     for (const s of data.services) { seen.add(s.name); rows.set(s.name, { ...s, received: Date.now() / 1000 }); }
     for (const name of [...rows.keys()]) if (!seen.has(name)) rows.delete(name);
     render();
+  });
+  source.addEventListener("config", (m) => {
+    const data = JSON.parse(m.data);
+    showConfig(data.result === "invalid" ? data.error : null);
   });
   source.addEventListener("transition", (m) => {
     const data = JSON.parse(m.data);
