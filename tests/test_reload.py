@@ -339,3 +339,34 @@ async def test_an_entry_removed_for_a_labelled_instance_falls_back_to_its_labels
         assert (await client.get("/services/lab/")).status_code == 200
         assert box.starts == 1 and box.running
     await backend.close()
+
+
+async def test_what_cannot_be_applied_live_is_said(gateway_factory: Any, tmp_path: Path) -> None:
+    path = tmp_path / "hestia_config.yml"
+    raw: dict[str, Any] = {
+        "reload": {"watch": False},
+        "services": {"web": {"url": "http://127.0.0.1:9"}},
+    }
+    gw = await gateway_factory(raw, config_path=path)
+    async with httpx.AsyncClient(base_url=gw.url, timeout=30) as client:
+        # a service for a backend this gateway does not run: refused, with its key path
+        bad = {**raw, "services": {**raw["services"], "box": {"container": "box"}}}
+        save_by_rename(path, yaml.safe_dump(bad))
+        r = await client.post("/v1/config/reload")
+        assert r.status_code == 422
+        [problem] = r.json()["error"]["detail"]["errors"]
+        assert problem["path"] == "services.box.backend"
+        assert "'docker' backend is not enabled" in problem["reason"]
+        assert sorted(gw.gateway.registry.services) == ["web"]
+
+        # a section that needs a restart: the rest applies, the section keeps its value
+        changed = {**raw, "server": {"port": 1234}, "routing": {"subdomains": True}}
+        save_by_rename(path, yaml.safe_dump(changed))
+        r = await client.post("/v1/config/reload")
+        assert r.status_code == 200, r.text
+        assert r.json()["restart_required"] == ["server"]
+        assert r.json()["error"] is None
+        assert gw.gateway.config.server.port == 8080  # the running value
+        assert gw.gateway.registry.hosts == {"web.localhost": "web"}  # routing applied
+        answer = await client.get("/", headers={"Host": "web.localhost"})
+        assert answer.status_code == 502  # routed to web's (closed) upstream by host name
