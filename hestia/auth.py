@@ -5,7 +5,8 @@ the router's `Route` (None: the control API), to `Authenticator.admit` before th
 API sees it; with `auth.enabled: false` the gateway skips it on one attribute check. `admit`
 
 - lets `GET/HEAD /v1/health` (and `/metrics` with `public_metrics`) through,
-- answers `/login` and `/logout` itself (the browser's signed session cookie),
+- answers `/login` and `/logout` itself (the browser's signed session cookie), and sends a
+  browser without a session that opens the dashboard (`/`, `/ui`) there first,
 - finds the credential: `X-API-Key`, `Authorization: Bearer` (unless `header: x-api-key`) or
   the session cookie. A presented key is hashed once (SHA-256) and the digest compared in
   constant time with every configured digest, without stopping at a match, so the answer's
