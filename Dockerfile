@@ -18,6 +18,7 @@ WORKDIR /src
 COPY . .
 # Wheels of the project and of every runtime dependency go to /wheels; the gateway's venv is
 # then installed from /wheels alone (--no-index), which proves the set is complete.
+# /docs serves Swagger UI's bundle, CSS and icons: its source maps and other builds are dropped.
 RUN set -eu; \
     if ls .wheels/*.whl >/dev/null 2>&1; then \
         set -- --no-index --find-links /src/.wheels; \
@@ -29,6 +30,9 @@ RUN set -eu; \
     python3 -m venv /opt/hestia; \
     /opt/hestia/bin/pip install --no-index --find-links /wheels hestia; \
     /opt/hestia/bin/pip uninstall --yes pip setuptools; \
+    find /opt/hestia -path '*/swagger_ui_bundle/vendor/*' \
+        \( -name '*.map' -o -name 'swagger-ui-es-*' -o -name 'swagger-ui.js' \
+           -o -name 'swagger-ui-standalone-preset.js' \) -delete; \
     /opt/hestia/bin/hestia --version
 
 # Final stage: the base image plus the venv; no wheels, no pip cache, no build tools.

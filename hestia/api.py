@@ -9,7 +9,14 @@ from typing import Any
 
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.responses import (
+    HTMLResponse,
+    JSONResponse,
+    PlainTextResponse,
+    RedirectResponse,
+    Response,
+    StreamingResponse,
+)
 from fastapi.routing import APIRoute
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from pydantic import BaseModel
@@ -17,11 +24,21 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from hestia import __version__
 from hestia.auth import Authenticator
-from hestia.errors import HestiaError, ServiceStartTimeout, StartCancelled, error_body
+from hestia.errors import (
+    ConfigError,
+    HestiaError,
+    NoConfigFile,
+    ServiceStartTimeout,
+    StartCancelled,
+    error_body,
+)
+from hestia.feed import Feed
 from hestia.lifecycle import State
 from hestia.metrics import Metrics, PrometheusCollector
 from hestia.registry import Registry
+from hestia.reload import ConfigReloader
 from hestia.store import Store, StoreError
+from hestia.ui import mount_ui
 
 
 class ErrorDetail(BaseModel):
@@ -117,6 +134,46 @@ class EventList(BaseModel):
     events: list[Event]
 
 
+class ServiceEvent(Event):
+    service: str
+
+
+class RecentEvents(BaseModel):
+    events: list[ServiceEvent]
+
+
+class ConfigProblem(BaseModel):
+    path: str  # key path in the file, e.g. services.ollama.idle_timeout
+    reason: str
+
+
+class ConfigErrorInfo(BaseModel):
+    file: str | None
+    message: str
+    errors: list[ConfigProblem]
+    at: float
+    hash: str | None  # of the refused version
+
+
+class ReloadInfo(BaseModel):
+    result: str  # applied, unchanged or invalid
+    cause: str  # file changed, SIGHUP, api
+    at: float
+    hash: str | None
+    error: ConfigErrorInfo | None
+    changes: dict[str, list[str]]
+
+
+class ConfigStatus(BaseModel):
+    file: str | None  # None: started without a config file (labels only)
+    hash: str | None  # sha256 of the running version's text
+    loaded_at: float
+    watching: bool
+    error: ConfigErrorInfo | None  # the last refused version, until a valid one loads
+    last_reload: ReloadInfo | None
+    restart_required: list[str]  # sections changed in the file that need a restart
+
+
 class KeyInfo(BaseModel):
     name: str
     scopes: list[str]
@@ -135,7 +192,12 @@ class AuthStatus(BaseModel):
 
 
 def build_api(
-    registry: Registry, metrics: Metrics, store: Store, auth: Authenticator | None = None
+    registry: Registry,
+    metrics: Metrics,
+    store: Store,
+    auth: Authenticator | None = None,
+    reloader: ConfigReloader | None = None,
+    feed: Feed | None = None,
 ) -> FastAPI:
     prometheus = CollectorRegistry(auto_describe=True)
     prometheus.register(PrometheusCollector(metrics))
@@ -147,6 +209,9 @@ def build_api(
         # Starlette's slash redirect builds an absolute Location from the request's Host
         # header (Host: evil.example -> Location: http://evil.example/...): no redirects
         redirect_slashes=False,
+        # served from the swagger-ui-bundle package below: no CDN, works offline
+        docs_url=None,
+        redoc_url=None,
     )
 
     @api.exception_handler(HestiaError)
@@ -292,8 +357,111 @@ def build_api(
             await asyncio.shield(task)
         return svc.status()
 
+    @api.get("/v1/config", response_model=ConfigStatus)
+    async def config_status() -> dict[str, Any]:
+        """The running config file: its hash and load time, whether it is watched, and the
+        last reload; `error` holds a refused version's problems until a valid one loads."""
+        if reloader is None:
+            raise ConfigError("this gateway has no config reloader")
+        return reloader.describe()
+
+    @api.post(
+        "/v1/config/reload",
+        response_model=ConfigStatus,
+        responses={
+            409: {"model": ErrorBody, "description": "Hestia runs without a config file"},
+            422: {"model": ErrorBody, "description": "the file is invalid; the running one stays"},
+        },
+    )
+    async def config_reload() -> Any:
+        """Read the config file again now (as a file change or SIGHUP does). Invalid: 422
+        with every problem's key path, and the running configuration stays."""
+        if reloader is None or reloader.path is None:
+            raise NoConfigFile(
+                "Hestia was started without a config file (labels only): there is nothing to "
+                "reload; start it with --config PATH or HESTIA_CONFIG"
+            )
+        outcome = await reloader.reload("api")
+        if outcome.result == "invalid" and outcome.error is not None:
+            return JSONResponse(
+                {
+                    "error": {
+                        "code": "config_invalid",
+                        "message": outcome.error["message"]
+                        + "; the running configuration stays (GET /v1/config)",
+                        "detail": {"errors": outcome.error["errors"]},
+                    }
+                },
+                status_code=422,
+            )
+        return reloader.describe()
+
+    @api.get("/v1/events/recent", response_model=RecentEvents)
+    async def recent_events(
+        limit: int = Query(50, ge=1, le=10000, description="newest first"),
+        service: str | None = Query(None, description="only this service's"),
+    ) -> dict[str, Any]:
+        """Lifecycle events of every service (or one), newest first."""
+        with contextlib.suppress(StoreError):
+            await store.flush()
+        rows = await asyncio.to_thread(store.events, service, limit)
+        return {"events": [row.model_dump(exclude={"id"}) for row in rows]}
+
+    @api.get(
+        "/v1/events",
+        response_class=StreamingResponse,
+        responses={
+            200: {"content": {"text/event-stream": {}}},
+            404: {"model": ErrorBody, "description": "unknown service"},
+        },
+    )
+    async def live_events(
+        service: str | None = Query(None, description="only this service's events"),
+    ) -> Response:
+        """Server-Sent Events: `transition` (a lifecycle change, with the service's status),
+        `config` (a reload applied or refused, as in `last_reload` of GET /v1/config), and
+        `services` (every service's status, at once and every 2 s)."""
+        if feed is None:
+            raise ConfigError("this gateway has no event feed")
+        if service is not None:
+            registry.get(service)  # 404 for an unknown name
+        return StreamingResponse(
+            feed.stream(service),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
+    @api.get("/", include_in_schema=False)
+    async def root(request: Request) -> Response:
+        # a browser is shown the dashboard; anything else gets the API's 404 as before
+        if "text/html" not in request.headers.get("accept", ""):
+            raise StarletteHTTPException(404)
+        return RedirectResponse("/ui", status_code=303)
+
+    mount_ui(api)
+    _docs(api)
     _document(api, auth)
     return api
+
+
+def _docs(api: FastAPI) -> None:
+    """/docs with Swagger UI's files from the swagger-ui-bundle-v2 package (nothing from a
+    CDN)."""
+    from fastapi.openapi.docs import get_swagger_ui_html
+    from starlette.staticfiles import StaticFiles
+    from swagger_ui_bundle import swagger_ui_path
+
+    api.mount("/docs/assets", StaticFiles(directory=swagger_ui_path), name="swagger-assets")
+
+    @api.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url="/openapi.json",
+            title="Hestia control API",
+            swagger_js_url="/docs/assets/swagger-ui-bundle.js",
+            swagger_css_url="/docs/assets/swagger-ui.css",
+            swagger_favicon_url="/docs/assets/favicon-32x32.png",
+        )
 
 
 # The routes anyone may call with auth on (see hestia/auth.py)

@@ -7,8 +7,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import signal
 import time
 from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
 
 from loguru import logger
 
@@ -16,11 +19,14 @@ from hestia.api import build_api
 from hestia.auth import Authenticator
 from hestia.backends.base import Backend
 from hestia.config import HestiaConfig
+from hestia.errors import HestiaError
+from hestia.feed import Feed
 from hestia.headers import TrustedProxies
 from hestia.lifecycle import Service, State
 from hestia.metrics import Metrics
 from hestia.proxy import Proxy
 from hestia.registry import Registry
+from hestia.reload import ConfigReloader
 from hestia.router import Router
 from hestia.store import EventRow, ServiceRow, Store, StoredService, error_json, wall
 from hestia.types import Receive, Scope, Send
@@ -33,6 +39,8 @@ SNAPSHOT_EVERY_S = 5.0
 # one whose start failed is tried again after WARM_RETRY_S.
 WARM_CHECK_S = 30.0
 WARM_RETRY_S = 60.0
+# Sections a running gateway cannot change: a new value takes effect at the next start.
+RESTART_ONLY = ("server", "database", "docker", "swarm", "semaphore", "process", "logging")
 
 
 class Gateway:
@@ -45,7 +53,12 @@ class Gateway:
         backends: Backend | Mapping[str, Backend] | None = None,
         *,
         clock: Clock | None = None,
+        config_path: str | Path | None = None,
+        handle_sighup: bool = False,
     ) -> None:
+        """`config_path`: the file `config` came from, watched and reloaded (None: no file,
+        nothing to reload). `handle_sighup`: SIGHUP reloads it (the `hestia serve` process;
+        not for gateways inside another program, such as the tests)."""
         self.config = config
         if backends is None:
             backends = {}
@@ -78,12 +91,22 @@ class Gateway:
             config.logging.access,
             trusted,
         )
-        # live reload: self.auth.reconfigure(new_config.auth)
         self.auth = Authenticator(config.auth, trusted)
-        self.api = build_api(self.registry, self.metrics, self.store, self.auth)
+        self.feed = Feed(self._statuses)
+        self.reloader = ConfigReloader(
+            config_path,
+            config,
+            self.apply_config,
+            lambda outcome: self.feed.publish({"type": "config", **outcome.to_dict()}),
+        )
+        self._handle_sighup = handle_sighup
+        self.api = build_api(
+            self.registry, self.metrics, self.store, self.auth, self.reloader, self.feed
+        )
         self._restored: dict[str, StoredService] = {}
         self._snapshot_task: asyncio.Task[None] | None = None
         self._warm_task: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[Any]] = set()
         self._started = False
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -100,6 +123,44 @@ class Gateway:
             await self.proxy.handle(scope, receive, send, route)
             return
         await self.api(scope, receive, send)
+
+    # ---------------------------------------------------------------- live config
+    def apply_config(self, new: HestiaConfig) -> dict[str, list[str]]:
+        """Apply a new, valid version of the config file as a diff (see Registry.reconfigure);
+        sections that need a restart keep their running values and are listed. ConfigError,
+        before anything changed, when it cannot be applied."""
+        old = self.config
+        restart = [name for name in RESTART_ONLY if getattr(old, name) != getattr(new, name)]
+        applied = new.model_copy(update={name: getattr(old, name) for name in restart})
+        applied._source = new.source
+        self.registry.check(applied)
+        self.auth.reconfigure(applied.auth)
+        changes = self.registry.reconfigure(applied)
+        self.config = applied
+        changes["restart_required"] = restart
+        if self._started:
+            self.warm_up()
+            if self.registry.backends:  # instances the new entries name: find them now
+                self._spawn(self._reconcile_quietly(), "hestia-reload-reconcile")
+        return changes
+
+    async def _reconcile_quietly(self) -> None:
+        try:
+            await self.registry.reconcile()
+        except HestiaError as exc:
+            logger.warning("reconcile after a config reload failed: {}", exc.message)
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def _statuses(self) -> list[dict[str, Any]]:
+        return [self.registry.services[n].status() for n in sorted(self.registry.services)]
+
+    def _on_sighup(self) -> None:
+        logger.info("SIGHUP: reloading the config file")
+        self._spawn(self.reloader.reload("SIGHUP"), "hestia-sighup-reload")
 
     # ---------------------------------------------------------------- hooks
     def _on_new_service(self, svc: Service) -> None:
@@ -138,6 +199,19 @@ class Gateway:
             )
         )
         self.store.snapshot_service(self._service_row(svc))
+        self.feed.publish(
+            {
+                "type": "transition",
+                "service": svc.name,
+                "at": time.time(),
+                "from_state": old.value,
+                "to_state": new.value,
+                "cause": cause,
+                "reason": reason,
+                "duration_ms": round(spent * 1000, 3),
+                "status": svc.status(),
+            }
+        )
 
     def _service_row(self, svc: Service) -> ServiceRow:
         m = self.metrics.service(svc.name)
@@ -174,6 +248,10 @@ class Gateway:
         self._snapshot_task = asyncio.create_task(self._snapshot_loop(), name="hestia-snapshots")
         self.warm_up()
         self._warm_task = asyncio.create_task(self._warm_loop(), name="hestia-warmth")
+        if self.config.reload.watch:
+            self.reloader.start_watching()
+        if self._handle_sighup:
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self._on_sighup)
         logger.info(
             "Hestia ready with {} service(s): {}; state in {}",
             len(self.registry.services),
@@ -211,11 +289,18 @@ class Gateway:
         return max(wait, 1.0)
 
     def begin_shutdown(self) -> None:
-        """Answer every held request 503 now; containers are left as they are."""
+        """Answer every held request 503 now and end the live feeds; containers are left as
+        they are."""
+        self.feed.close()
         self.registry.begin_shutdown()
 
     async def shutdown(self) -> None:
-        for task in (self._snapshot_task, self._warm_task):
+        if self._handle_sighup:
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+        self.feed.close()
+        await self.reloader.close()
+        for task in (self._snapshot_task, self._warm_task, *self._background):
             if task is not None:
                 task.cancel()
         await self.registry.close()

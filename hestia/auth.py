@@ -5,7 +5,8 @@ the router's `Route` (None: the control API), to `Authenticator.admit` before th
 API sees it; with `auth.enabled: false` the gateway skips it on one attribute check. `admit`
 
 - lets `GET/HEAD /v1/health` (and `/metrics` with `public_metrics`) through,
-- answers `/login` and `/logout` itself (the browser's signed session cookie),
+- answers `/login` and `/logout` itself (the browser's signed session cookie), and sends a
+  browser without a session that opens the dashboard (`/`, `/ui`) there first,
 - finds the credential: `X-API-Key`, `Authorization: Bearer` (unless `header: x-api-key`) or
   the session cookie. A presented key is hashed once (SHA-256) and the digest compared in
   constant time with every configured digest, without stopping at a match, so the answer's
@@ -66,6 +67,8 @@ _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 _WWW_AUTHENTICATE = (b"www-authenticate", b'Bearer realm="hestia"')
 _MAX_FORM_BYTES = 8192
 _MAX_KEY_BYTES = 4096
+# pages of the gateway's own that a browser without a session is sent to /login for
+_PAGES = frozenset({"/", "/ui"})
 
 
 class MethodNotAllowed(HestiaError):
@@ -294,6 +297,10 @@ class Authenticator:
         elif session is not None:
             key, via = session, "cookie"
         else:
+            if route is None and method == "GET" and scope["path"] in _PAGES and _wants_html(scope):
+                # a person opening the dashboard: to the sign-in page, and back after it
+                await _send(send, 303, b"", [(b"location", b"/login?next=/ui")])
+                return False
             if cookie is not None:
                 message = "your session has expired or its key changed; sign in again"
             else:

@@ -11,7 +11,7 @@ from loguru import logger
 
 from hestia import __version__
 from hestia.backends import build_backends
-from hestia.config import load_config
+from hestia.config import DEFAULT_CONFIG_PATH, load_config
 from hestia.errors import HestiaError
 from hestia.logs import setup_logging
 from hestia.server import build_server
@@ -31,8 +31,10 @@ def _serve(args: argparse.Namespace) -> int:
     from hestia.app import Gateway
     from hestia.proxy import JsonAccessLog
 
+    path = args.config or os.environ.get("HESTIA_CONFIG") or DEFAULT_CONFIG_PATH
+    watched = path if (args.config or os.environ.get("HESTIA_CONFIG") or config.source) else None
     try:
-        gateway = Gateway(config, build_backends(config))
+        gateway = Gateway(config, build_backends(config), config_path=watched, handle_sighup=True)
         gateway.store.migrate()  # a database that cannot be used stops start-up here, clearly
     except HestiaError as exc:
         logger.error("{}", exc.message)
@@ -91,8 +93,16 @@ def _loopback(host: str) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from hestia import control
+
     parser = argparse.ArgumentParser(
-        prog="hestia", description="Personal on-demand service gateway"
+        prog="hestia",
+        description="Personal on-demand service gateway",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="exit codes:\n"
+        + "\n".join(f"  {code}  {what}" for code, what in control.EXIT_CODES.items())
+        + "\n\nThe commands that talk to a gateway use --url (default: $HESTIA_URL, else "
+        f"{control.DEFAULT_URL})\nand, when its auth is on, the key in $HESTIA_API_KEY.",
     )
     parser.add_argument("--version", action="version", version=f"hestia {__version__}")
     sub = parser.add_subparsers(dest="command")
@@ -104,8 +114,60 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--port", type=int, help="port to listen on (default from config, 8080)")
     serve.add_argument("--log-format", choices=["json", "text"], help="default from config: json")
     serve.add_argument("--log-level", help="default from config: INFO")
+
+    def client(name: str, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help)
+        p.add_argument("--url", help=f"the gateway (default: $HESTIA_URL or {control.DEFAULT_URL})")
+        return p
+
+    status = client("status", help="services and their state (a table, or --json)")
+    status.add_argument("name", nargs="?", help="one service (default: all)")
+    status.add_argument("--json", action="store_true", help="the API's JSON")
+    start = client("start", help="start a service")
+    start.add_argument("name")
+    start.add_argument(
+        "--wait", action="store_true", help="follow its state changes until it is ready"
+    )
+    start.add_argument("--timeout", type=float, help="with --wait: give up after this many seconds")
+    stop = client("stop", help="stop a service (after its requests in flight)")
+    stop.add_argument("name")
+    stop.add_argument("--no-wait", action="store_true", help="return before it has stopped")
+    events = client("events", help="recent lifecycle events (--follow: and new ones)")
+    events.add_argument("name", nargs="?", help="one service's (default: all)")
+    events.add_argument("--follow", "-f", action="store_true", help="keep printing new ones")
+    events.add_argument("--limit", type=int, default=20, help="how many recent ones (20)")
+    events.add_argument("--json", action="store_true", help="one JSON object a line")
+    config = sub.add_parser("config", help="the config file: check, schema, reload")
+    config_sub = config.add_subparsers(dest="config_command")
+    check = config_sub.add_parser("check", help="validate a config file (exit 0, or 1 and why)")
+    check.add_argument("file", nargs="?", help="default: $HESTIA_CONFIG or ./hestia_config.yml")
+    config_sub.add_parser("schema", help="print the JSON Schema of the config file")
+    reload = config_sub.add_parser("reload", help="make a running gateway read its file again")
+    reload.add_argument(
+        "--url", help=f"the gateway (default: $HESTIA_URL or {control.DEFAULT_URL})"
+    )
+
     args = parser.parse_args(argv)
-    if args.command != "serve":
-        parser.print_help()
-        return 2
-    return _serve(args)
+    if args.command == "serve":
+        return _serve(args)
+    if args.command == "status":
+        return control.run(lambda c: control.status(c, args.name, args.json), args.url)
+    if args.command == "start":
+        return control.run(lambda c: control.start(c, args.name, args.wait, args.timeout), args.url)
+    if args.command == "stop":
+        return control.run(lambda c: control.stop(c, args.name, not args.no_wait), args.url)
+    if args.command == "events":
+        return control.run(
+            lambda c: control.events(c, args.name, args.follow, args.limit, args.json), args.url
+        )
+    if args.command == "config":
+        if args.config_command == "check":
+            return control.config_check(args.file, sys.stdout, sys.stderr)
+        if args.config_command == "schema":
+            return control.config_schema(sys.stdout)
+        if args.config_command == "reload":
+            return control.run(control.reload, args.url)
+        config.print_help(sys.stderr)
+        return control.USAGE
+    parser.print_help(sys.stderr)
+    return control.USAGE

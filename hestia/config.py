@@ -31,6 +31,7 @@ from pydantic import (
     PrivateAttr,
     SecretStr,
     ValidationError,
+    WithJsonSchema,
     model_validator,
 )
 
@@ -122,7 +123,13 @@ def parse_duration(value: Any) -> float:
     return seconds
 
 
-Duration = Annotated[float, BeforeValidator(parse_duration)]
+_DURATION_SCHEMA = {
+    "anyOf": [
+        {"type": "number", "minimum": 0},
+        {"type": "string", "pattern": r"^\s*\d+(\.\d+)?\s*(ms|s|m|h|d)?\s*$"},
+    ]
+}
+Duration = Annotated[float, BeforeValidator(parse_duration), WithJsonSchema(_DURATION_SCHEMA)]
 
 _ENV_REF = re.compile(r"\$(\$?)\{([^}]*)\}")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -250,7 +257,11 @@ def _parse_hosts(value: Any) -> Any:
     return tuple(out)
 
 
-Hosts = Annotated[tuple[str, ...], BeforeValidator(_parse_hosts)]
+Hosts = Annotated[
+    tuple[str, ...],
+    BeforeValidator(_parse_hosts),
+    WithJsonSchema({"anyOf": [{"type": "array", "items": {"type": "string"}}, {"type": "string"}]}),
+]
 
 
 class _Strict(BaseModel):
@@ -306,7 +317,8 @@ def _check_window(value: str) -> str:
     return value
 
 
-StrList = Annotated[list[str], BeforeValidator(_split_list)]
+_LIST_SCHEMA = {"anyOf": [{"type": "array", "items": {"type": "string"}}, {"type": "string"}]}
+StrList = Annotated[list[str], BeforeValidator(_split_list), WithJsonSchema(_LIST_SCHEMA)]
 
 
 class QueueConfig(_Strict):
@@ -346,7 +358,11 @@ def _idle_timeout(value: Any) -> Any:
     return parse_duration(value)
 
 
-IdleTimeout = Annotated[float | Literal["auto"], BeforeValidator(_idle_timeout)]
+IdleTimeout = Annotated[
+    float | Literal["auto"],
+    BeforeValidator(_idle_timeout),
+    WithJsonSchema({"anyOf": [*_DURATION_SCHEMA["anyOf"], {"const": "auto"}]}),
+]
 
 
 def _check_url(value: str | None) -> str | None:
@@ -443,8 +459,34 @@ def _check_signal(value: Any) -> Any:
 
 
 Url = Annotated[str | None, AfterValidator(_check_url)]
-Argv = Annotated[list[str] | None, BeforeValidator(_argv)]
-EnvMap = Annotated[dict[str, str] | None, BeforeValidator(_env_values)]
+Argv = Annotated[
+    list[str] | None,
+    BeforeValidator(_argv),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "array", "items": {"type": "string"}},
+                {"type": "string"},
+                {"type": "null"},
+            ]
+        }
+    ),
+]
+EnvMap = Annotated[
+    dict[str, str] | None,
+    BeforeValidator(_env_values),
+    WithJsonSchema(
+        {
+            "anyOf": [
+                {
+                    "type": "object",
+                    "additionalProperties": {"type": ["string", "number", "boolean"]},
+                },
+                {"type": "null"},
+            ]
+        }
+    ),
+]
 StopSignal = Annotated[str | None, BeforeValidator(_check_signal)]
 # the URL a process service answers at by default (PORT: a free port Hestia picks)
 DEFAULT_PROCESS_URL = "http://127.0.0.1:${PORT}"
@@ -677,7 +719,13 @@ def parse_size(value: Any) -> int:
     return int(m.group(1)) * _UNIT_BYTES[(m.group(2) or "b").lower()]
 
 
-Size = Annotated[int, BeforeValidator(parse_size)]
+Size = Annotated[
+    int,
+    BeforeValidator(parse_size),
+    WithJsonSchema(
+        {"anyOf": [{"type": "integer"}, {"type": "string", "pattern": r"^\s*\d+\s*[A-Za-z]*$"}]}
+    ),
+]
 
 
 class ServerLimits(_Strict):
@@ -1094,6 +1142,21 @@ class RoutingConfig(_Strict):
         return (f"{label}.localhost", f"{label}.{self.domain}")
 
 
+class ReloadConfig(_Strict):
+    """Live configuration: how edits of this file are taken up while Hestia runs."""
+
+    watch: bool = Field(
+        default=True,
+        description="watch the config file's folder and reload on every change (also: SIGHUP, "
+        "POST /v1/config/reload); read at start-up",
+    )
+    on_remove: Literal["leave", "stop"] = Field(
+        default="leave",
+        description="what happens to the instance of a service removed from the file: `leave` "
+        "it as it is, or `stop` it once its requests in flight are done",
+    )
+
+
 class HestiaConfig(_Strict):
     server: ServerConfig = ServerConfig()
     schedule: ScheduleConfig = ScheduleConfig()
@@ -1106,6 +1169,7 @@ class HestiaConfig(_Strict):
     database: DatabaseConfig = DatabaseConfig()
     auth: AuthConfig = AuthConfig()
     routing: RoutingConfig = RoutingConfig()
+    reload: ReloadConfig = ReloadConfig()
     defaults: _Settings = _Settings()
     services: dict[str, _ServiceEntry] = {}
     _source: str | None = PrivateAttr(default=None)
@@ -1235,14 +1299,22 @@ def valid_service_name(name: str) -> bool:
     return bool(_NAME.match(name))
 
 
-def _describe(exc: ValidationError, source: str, prefix: str = "") -> str:
+def validation_problems(exc: ValidationError, prefix: str = "") -> list[dict[str, str]]:
+    """Each problem pydantic found, as {"path": "services.x.port", "reason": "..."}."""
     problems = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"])
         path = ".".join(p for p in (prefix, loc) if p)
         msg = err["msg"].removeprefix("Value error, ")
-        problems.append(f"{path or '(top level)'}: {msg}")
-    return f"invalid config in {source}: " + "; ".join(problems)
+        problems.append({"path": path or "(top level)", "reason": msg})
+    return problems
+
+
+def _describe(exc: ValidationError, source: str, prefix: str = "") -> str:
+    problems = validation_problems(exc, prefix)
+    return f"invalid config in {source}: " + "; ".join(
+        f"{p['path']}: {p['reason']}" for p in problems
+    )
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
@@ -1316,9 +1388,13 @@ def parse_config_text(text: str, source: str = "<config>") -> HestiaConfig:
         raw = yaml.load(text, Loader=_UniqueKeyLoader) or {}  # a SafeLoader
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        place = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        where = f" at {place}" if place else ""
         what = " ".join(p for p in (exc.context, exc.problem) if p)
-        raise ConfigError(f"invalid YAML in {source}{where}: {what}") from None
+        raise ConfigError(
+            f"invalid YAML in {source}{where}: {what}",
+            detail={"file": source, "errors": [{"path": place or "(YAML)", "reason": what}]},
+        ) from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"invalid YAML in {source}: {exc}") from None
     return parse_config(raw, source=source)
@@ -1331,7 +1407,10 @@ def parse_config(raw: Any, source: str = "<config>") -> HestiaConfig:
         cfg = HestiaConfig.model_validate(raw)
         cfg._source = source
     except ValidationError as exc:
-        raise ConfigError(_describe(exc, source)) from None
+        raise ConfigError(
+            _describe(exc, source),
+            detail={"file": source, "errors": validation_problems(exc)},
+        ) from None
     for name in cfg.docker.endpoints:
         if not valid_service_name(str(name)):
             raise ConfigError(

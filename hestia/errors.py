@@ -2,6 +2,7 @@
 
 HestiaError
  +-- ConfigError              invalid hestia_config.yml or labels (start-up refuses to run)
+ |    +-- NoConfigFile        409  no_config_file    (a reload asked of a gateway without one)
  +-- ServiceNotFound          404  service_not_found
  +-- ServiceStartFailed       503  start_failed      (container exited, health check failed, ...)
  +-- ServiceStartTimeout      504  start_timeout     (not ready within startup_timeout)
@@ -78,6 +79,11 @@ class HestiaError(Exception):
 class ConfigError(HestiaError):
     status = 500
     code = "config_invalid"
+
+
+class NoConfigFile(ConfigError):
+    status = 409
+    code = "no_config_file"
 
 
 class ServiceNotFound(HestiaError):

@@ -50,7 +50,7 @@ from hestia.config import (
 )
 from hestia.errors import ConfigError, HestiaError, ServiceNotFound
 from hestia.groups import Groups
-from hestia.lifecycle import Service, State, StateListener
+from hestia.lifecycle import DRAIN_TIMEOUT_S, Service, State, StateListener
 from hestia.schedule import zone
 from hestia.warmth import Clock
 
@@ -99,8 +99,13 @@ class Registry:
         # why a backend is unreachable now: its events stream broke / its last listing failed
         self._stream_down: dict[str, str] = {}
         self._list_down: dict[str, str] = {}
-        self._static = config.static_services()
-        for name, spec in self._static.items():
+        self._static = self.check(config)
+
+    def check(self, config: HestiaConfig) -> dict[str, ServiceConfig]:
+        """The config file's services, or ConfigError when one needs a backend that is not
+        running."""
+        static = config.static_services()
+        for name, spec in static.items():
             key = spec.backend_key
             if key is not None and key not in self.backends:
                 raise ConfigError(
@@ -109,6 +114,69 @@ class Registry:
                     + (f" ({spec.backend}.enabled is false)" if spec.backend in _SECTIONS else ""),
                     service=name,
                 )
+        return static
+
+    def reconfigure(self, config: HestiaConfig) -> dict[str, list[str]]:
+        """Take a new version of the config file (live reload) and apply it as a diff: new
+        services become routable, changed ones take their settings from the next request
+        on, removed ones stop being routed at once (their held requests are answered
+        `service_removed`; their instance is left as it is, or stopped once its requests in
+        flight are done with `reload.on_remove: stop`). Unchanged services see nothing.
+        ConfigError (before anything changed) when the new version cannot run here."""
+        static = self.check(config)
+        before = {name: svc.config for name, svc in self.services.items()}
+        gone = set(self.config.services) - set(config.services)
+        self.config = config
+        self._static = static
+        self._tz = zone(config.schedule.timezone)
+        # removed from the file and claimed by no labelled instance either: gone now (not
+        # unbound and held for a replacement, as when an instance disappears)
+        desired = self._desired()
+        removed = sorted(n for n in gone if n not in desired and n in self.services)
+        for name in removed:
+            self._remove_from_config(name, stop=config.reload.on_remove == "stop")
+        self._apply(set())
+        return {
+            "added": sorted(n for n in self.services if n not in before),
+            "changed": sorted(
+                n for n, svc in self.services.items() if n in before and svc.config != before[n]
+            ),
+            "removed": removed,
+        }
+
+    def _remove_from_config(self, name: str, *, stop: bool) -> None:
+        svc = self.services.pop(name)
+        if name in self._removals:
+            self._removals.pop(name).cancel()
+        ref = svc.instance_id or svc.config.instance
+        running = svc.state in (State.STARTING, State.READY)
+        svc.remove("it was removed from the config file")
+        logger.info(
+            "service {} removed from the config file: no longer routed; its instance is {}",
+            name,
+            "stopped once its requests in flight are done" if stop else "left as it is",
+        )
+        self._publish_routes()
+        if stop and running and ref is not None and svc.backend is not None:
+            self._tasks.append(
+                asyncio.create_task(self._stop_removed(svc, ref), name=f"hestia-remove-{name}")
+            )
+
+    async def _stop_removed(self, svc: Service, ref: str) -> None:
+        deadline = asyncio.get_running_loop().time() + DRAIN_TIMEOUT_S
+        # polled, so release() on the hot path stays two counters
+        while svc.in_flight and asyncio.get_running_loop().time() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+        if svc.backend is None:
+            return
+        try:
+            await svc.backend.stop(ref, svc.config, svc.config.stop_timeout)
+        except InstanceNotFound:
+            pass
+        except HestiaError as exc:
+            logger.error("stopping removed service {} failed: {}", svc.name, exc.message)
+        else:
+            logger.info("service {} (removed from the config file) stopped", svc.name)
 
     def get(self, name: str) -> Service:
         try:

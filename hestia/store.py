@@ -295,16 +295,15 @@ class Store:
                 self._known.setdefault(name, svc.to_row())
         return services
 
-    def events(self, service: str, limit: int = 100) -> list[EventRow]:
-        """The service's newest events first. Blocking: call it in a thread."""
+    def events(self, service: str | None, limit: int = 100) -> list[EventRow]:
+        """The service's (None: every service's) newest events first. Blocking: call it in a
+        thread."""
         with self._use("read the events"):
             with Session(self.engine) as session:
-                query = (
-                    select(EventRow)
-                    .where(EventRow.service == service)
-                    .order_by(EventRow.id.desc())  # type: ignore[union-attr]
-                    .limit(limit)
-                )
+                query = select(EventRow)
+                if service is not None:
+                    query = query.where(EventRow.service == service)
+                query = query.order_by(EventRow.id.desc()).limit(limit)  # type: ignore[union-attr]
                 return list(session.exec(query).all())
 
     # ---------------------------------------------------------------- writes

@@ -223,10 +223,13 @@ class Browser:
 
 
 @contextlib.asynccontextmanager
-async def chromium(profile: Path, timeout: float = 60.0) -> AsyncIterator[Browser]:
+async def chromium(
+    profile: Path, timeout: float = 60.0, offline: bool = False
+) -> AsyncIterator[Browser]:
     """Headless Chromium under the reaper, in a process group of its own, stopped and reaped
-    whole afterwards."""
-    proc = await asyncio.to_thread(_start_chromium, profile)
+    whole afterwards. `offline`: no host name resolves (a CDN, any site), so only pages at an
+    IP address (the gateway on 127.0.0.1) load: what a machine without internet sees."""
+    proc = await asyncio.to_thread(_start_chromium, profile, offline)
     try:
         url = await asyncio.wait_for(_devtools_url(proc), timeout)
         async with connect(url, max_size=None, ping_interval=None, proxy=None) as ws:
@@ -241,7 +244,7 @@ async def chromium(profile: Path, timeout: float = 60.0) -> AsyncIterator[Browse
         await asyncio.to_thread(kill_group, proc)
 
 
-def _start_chromium(profile: Path) -> subprocess.Popen[bytes]:
+def _start_chromium(profile: Path, offline: bool = False) -> subprocess.Popen[bytes]:
     exe = chromium_path()
     if exe is None:
         raise CdpError("no chromium on PATH (Debian: apt-get install chromium)")
@@ -266,6 +269,7 @@ def _start_chromium(profile: Path) -> subprocess.Popen[bytes]:
             "--use-mock-keychain",
             f"--user-data-dir={profile}",
             "--remote-debugging-port=0",
+            *(["--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1"] if offline else []),
             "about:blank",
         ],
         stdin=subprocess.DEVNULL,

@@ -17,8 +17,9 @@ from typing import Any
 
 import pytest
 import uvicorn
+import yaml
 
-from hestia.config import parse_config
+from hestia.config import load_config, parse_config
 from hestia.logs import setup_logging
 from hestia.server import build_server
 
@@ -244,12 +245,19 @@ async def gateway_factory(
 
     running: list[tuple[uvicorn.Server, asyncio.Task[None]]] = []
 
-    async def start(raw_config: dict[str, Any], backend: Any = None) -> RunningGateway:
-        """`backend`: a backend, a {name: backend} mapping, or None (plain urls only)."""
+    async def start(
+        raw_config: dict[str, Any], backend: Any = None, config_path: Path | None = None
+    ) -> RunningGateway:
+        """`backend`: a backend, a {name: backend} mapping, or None (plain urls only).
+        `config_path`: the config is written there as YAML and the gateway watches it."""
         raw_config.setdefault("docker", {}).setdefault("enabled", backend is not None)
         raw_config.setdefault("database", {"url": f"sqlite:///{tmp_path}/hestia-{len(running)}.db"})
-        config = parse_config(raw_config, source="test")
-        gateway = Gateway(config, backend)
+        if config_path is not None:
+            config_path.write_text(yaml.safe_dump(raw_config))  # noqa: ASYNC240 - tiny, once
+            config = load_config(config_path)
+        else:
+            config = parse_config(raw_config, source="test")
+        gateway = Gateway(config, backend, config_path=config_path)
         port = free_port()
         # the same server and protocol class as `hestia serve` (loop choice aside: the test's
         # event loop is used)

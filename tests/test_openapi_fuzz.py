@@ -76,6 +76,8 @@ def fuzz(schema: Any, headers: dict[str, str]) -> list[str]:
     assert len(operations) >= 8, [op.label for op in operations]
     runs: list[tuple[Any, GenerationMode, dict[str, Any] | None]] = []
     for op in operations:
+        if op.path == "/v1/events":
+            continue  # an endless event stream (tests/test_feed.py follows it)
         runs.append((op, GenerationMode.POSITIVE, None))
         runs.append((op, GenerationMode.NEGATIVE, None))
         if "{name}" in op.path:

@@ -42,6 +42,7 @@ BASE_IMAGE = os.environ.get("HESTIA_E2E_BASE_IMAGE", "hestia-test-base:bookworm"
 IMAGE = "hestia:e2e"
 DEMO_IMAGE = "hestia-e2e-demo:latest"
 DEMO = "whoami"  # the demo service of docker-compose.yml
+OLLAMA = "ollama"
 DEMO_IDLE_S = 3
 PROJECT_LABEL = "com.docker.compose.project"
 
@@ -158,6 +159,7 @@ class Stack:
         self.base = [*compose, "-p", self.project, "-f", str(ROOT_COMPOSE), "-f", str(override)]
         self.env = {**os.environ, "HESTIA_PORT": str(port)}
         self.url = f"http://127.0.0.1:{port}"
+        self.config_file: Path | None = None
 
     def compose(self, *args: str, timeout: float = 180) -> str:
         return run([*self.base, *args], timeout=timeout, env=self.env, cwd=REPO)
@@ -205,17 +207,31 @@ class Stack:
 def stack(
     compose: list[str], hestia_image: str, demo_image: str, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Stack]:
-    override = tmp_path_factory.mktemp("compose") / "docker-compose.e2e.yml"
+    folder = tmp_path_factory.mktemp("compose")
+    override = folder / "docker-compose.e2e.yml"
+    # the root hestia_config.yml, in a folder of its own that the test may edit (mounted at
+    # /config in place of the project folder)
+    config_dir = folder / "config"
+    config_dir.mkdir()
+    shutil.copy(REPO / "hestia_config.yml", config_dir / "hestia_config.yml")
     override.write_text(
         "services:\n"
         "  hestia:\n"
         f"    image: {hestia_image}\n"
+        "    volumes:\n"
+        f"      - {config_dir}:/config:ro\n"
         f"  {DEMO}:\n"
         f"    image: {demo_image}\n"
         "    labels:\n"
         f"      hestia.idle_timeout: {DEMO_IDLE_S}s\n"
+        # a stand-in for ollama/ollama (nothing can be pulled here), on Ollama's port, so
+        # that the root file's labels are the ones tested
+        f"  {OLLAMA}:\n"
+        f"    image: {demo_image}\n"
+        '    entrypoint: ["/bin/busybox", "httpd", "-f", "-p", "11434", "-h", "/www"]\n'
     )
     s = Stack(compose, override, host_port())
+    s.config_file = config_dir / "hestia_config.yml"
     try:
         s.compose("up", "-d", "--no-build")
         yield s
@@ -323,6 +339,48 @@ def test_demo_status(stack: Stack) -> None:
     assert info["state"] in ("stopped", "starting", "ready", "stopping")
     assert info["backend"] == "docker"
     assert info["idle_timeout_s"] == DEMO_IDLE_S
+
+
+def test_the_quick_start_ollama_status(stack: Stack) -> None:
+    """README's quick start: `curl http://localhost:8080/v1/services/ollama/status`."""
+    wait_until(_gateway_up(stack), 60, "the gateway", stack.logs)
+    wait_until(lambda: OLLAMA in _services(stack), 30, f"{OLLAMA} in /v1/services", stack.logs)
+    status, body = http_get(f"{stack.url}/v1/services/{OLLAMA}/status")
+    assert status == 200, body
+    info = json.loads(body)
+    assert info["name"] == OLLAMA and info["backend"] == "docker"
+    assert info["idle_timeout_s"] == 1800 and info["startup_timeout_s"] == 300
+    assert inspect(stack.container(OLLAMA))["HostConfig"]["RestartPolicy"]["Name"] in ("", "no")
+    status, _ = http_get(f"{stack.url}/services/{OLLAMA}/")
+    assert status == 200
+    status, page = http_get(f"{stack.url}/ui")
+    assert status == 200 and b"<title>Hestia</title>" in page
+
+
+def test_an_edit_of_the_mounted_config_is_live(stack: Stack) -> None:
+    """The folder is mounted, so a save by rename (a new inode) is seen in the container."""
+    assert stack.config_file is not None
+    wait_until(_gateway_up(stack), 60, "the gateway", stack.logs)
+
+    def config() -> dict[str, Any]:
+        status, body = http_get(f"{stack.url}/v1/config", timeout=5)
+        assert status == 200, body
+        result: dict[str, Any] = json.loads(body)
+        return result
+
+    wait_until(lambda: config()["watching"], 30, "the config folder to be watched", stack.logs)
+    assert config()["file"] == "hestia_config.yml"
+    original = stack.config_file.read_text()
+    edited = original.replace("services: {}", "services:\n  extra:\n    url: http://127.0.0.1:9")
+    assert edited != original
+    tmp = stack.config_file.with_name(".hestia_config.yml.swp")
+    tmp.write_text(edited)
+    os.replace(tmp, stack.config_file)  # as vim saves
+    wait_until(lambda: "extra" in _services(stack), 30, "the added service", stack.logs)
+    with open(stack.config_file, "w") as f:  # in place (same inode)
+        f.write(original)
+    wait_until(lambda: "extra" not in _services(stack), 30, "its removal", stack.logs)
+    assert config()["error"] is None
 
 
 # Last in this module: it takes the stack down.
