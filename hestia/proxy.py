@@ -109,7 +109,8 @@ class JsonAccessLog:
         e_path = _escape(path)
         self._lines.append(
             f'{{"ts": "{self._stamp}.{micros:06d}{self._zone}", "level": "info", '
-            f'"msg": {_escape(f"{method} {path} -> {status}")}, '
+            # escaping works character by character: msg is made of the escaped parts
+            f'"msg": {e_method[:-1]} {e_path[1:-1]} -> {int(status)}", '
             f'"logger": "{__name__}", "event": "access", '
             f'"request_id": {_escape(request_id)}, "service": {_escape(service)}, '
             f'"method": {e_method}, "path": {e_path}, "status": {int(status)}, '
