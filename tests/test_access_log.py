@@ -48,9 +48,7 @@ FIELDS = [
 
 # every code point, surrogates included (a str from elsewhere may carry them)
 ANY_TEXT = st.text(st.characters(min_codepoint=0, max_codepoint=0x10FFFF), max_size=300)
-MS = st.floats(min_value=0, max_value=1e12, allow_nan=False, allow_infinity=False).map(
-    lambda x: round(x, 3)
-)
+MS = st.floats(min_value=0, max_value=1e9, allow_nan=False, allow_infinity=False)
 
 
 @contextlib.contextmanager
@@ -129,7 +127,8 @@ def test_every_line_parses_back_to_its_fields(
         )
     )
     assert got == expected
-    assert math.isclose(line["duration_ms"], duration_ms) and line["waited_ms"] == waited_ms
+    assert math.isclose(line["duration_ms"], duration_ms, abs_tol=5e-4)
+    assert math.isclose(line["waited_ms"], waited_ms, abs_tol=5e-4)
 
 
 def test_lines_are_batched_in_a_loop_and_keep_their_order() -> None:
