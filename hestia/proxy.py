@@ -76,9 +76,12 @@ class JsonAccessLog:
     line that was made before it; each line carries its own `ts`.)
     """
 
-    __slots__ = ("_lines", "_scheduled", "_second", "_stamp", "_zone")
+    __slots__ = ("_lines", "_max_write", "_scheduled", "_second", "_stamp", "_zone")
 
-    def __init__(self) -> None:
+    def __init__(self, max_write: int = 0) -> None:
+        """`max_write`: write at most this many bytes at once, cut at line ends (several
+        processes writing to one pipe: writes up to PIPE_BUF are never interleaved)."""
+        self._max_write = max_write
         self._lines: list[str] = []
         self._scheduled = False
         self._second = -1
@@ -143,11 +146,30 @@ class JsonAccessLog:
         self._write_out()
 
     def _write_out(self) -> None:
-        if self._lines:
-            data = "".join(self._lines)
-            self._lines.clear()
-            sys.stdout.write(data)
-            sys.stdout.flush()
+        if not self._lines:
+            return
+        if self._max_write:
+            self._write_bounded()
+            return
+        data = "".join(self._lines)
+        self._lines.clear()
+        sys.stdout.write(data)
+        sys.stdout.flush()
+
+    def _write_bounded(self) -> None:
+        piece: list[str] = []
+        size = 0
+        for line in self._lines:
+            if piece and size + len(line) > self._max_write:
+                sys.stdout.write("".join(piece))
+                sys.stdout.flush()
+                piece.clear()
+                size = 0
+            piece.append(line)
+            size += len(line)
+        self._lines.clear()
+        sys.stdout.write("".join(piece))
+        sys.stdout.flush()
 
 
 class Proxy:

@@ -1,0 +1,748 @@
+"""Several data-plane workers, one controller (`server.workers`).
+
+With `server.workers: 1` (the default) none of this runs: `hestia serve` is one process.
+
+With N > 1, `hestia serve` is the controller: today's gateway (lifecycle, queues, waiting page,
+control API, backends, store) listening only on a private loopback port. N worker processes
+(`python -m hestia.workers`) each bind the public port with SO_REUSEPORT, so the kernel spreads
+connections over them. A worker serves a request on its own only when the controller's table
+says the service is *fast*: ready, with an address, no `max_concurrency` line and no wake
+filter. Everything else (cold starts, held and queued requests, the waiting page, the control
+API, unknown services, auth) is handed to the controller as it is, over HTTP on the private
+port, with a per-run token and the client's address in two headers only the controller reads.
+Handing off is always correct, so a worker that has no table yet hands everything off.
+
+The control channel is a Unix socket with one JSON line per message:
+
+* controller -> worker: the table `{"gen": g, "services": {...}, "hosts": ..., "keep": ...}`,
+  sent whenever it changes (looked at every `POLL_S`) and at once by `barrier()`.
+* worker -> controller: a report `{"ack": g, "busy": {svc: n}, "touched": [...],
+  "counts": {svc: [1xx..5xx, errors, upstream_errors, bytes_in, bytes_out]}}` at once after
+  each table and every `REPORT_S` while something changed. `busy` is the worker's requests in
+  flight per service at that moment, so once every worker has acknowledged a table in which a
+  service is not fast, the controller knows every request a worker still has for it, and every
+  later request comes to the controller.
+
+A stop (idle, API, reload, shutdown) first publishes the service as not fast and waits for
+every worker's acknowledgement (`Service.workers_barrier`); an idle stop then looks again at
+the requests in flight in the workers and at their last activity, and does not stop a service a
+worker is busy with. A worker that dies is started again and its in-flight counts are dropped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import secrets
+import signal
+import socket
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
+
+from loguru import logger
+
+from hestia.address import Upstream
+from hestia.errors import UpstreamUnreachable, send_error
+from hestia.router import Route, Router
+from hestia.types import ASGIApp, Receive, Scope, Send
+from hestia.upstream import UpstreamError, UpstreamPool, UpstreamTimeouts
+
+if TYPE_CHECKING:
+    from hestia.app import Gateway
+    from hestia.lifecycle import Service
+
+WORKERS_CAP = 8  # `auto`: one worker per CPU, at most this many
+POLL_S = 0.05  # how often the controller compares the table with the last one sent
+REPORT_S = 0.1  # how often a worker reports, when something changed
+BARRIER_TIMEOUT_S = 2.0  # a worker that does not acknowledge a table within this is killed
+RESPAWN_DELAY_S = 0.2
+PIPE_BUF = 4096  # writes up to this size to a pipe are never interleaved with other writers
+
+HANDOFF_TOKEN = b"x-hestia-handoff"
+HANDOFF_CLIENT = b"x-hestia-client"
+_HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        HANDOFF_TOKEN,
+        HANDOFF_CLIENT,
+    }
+)
+
+
+def worker_count(setting: int | str) -> int:
+    """`server.workers`: a number, or `auto` (the CPUs this process may use, at most 8)."""
+    if setting == "auto":
+        try:
+            cpus = len(os.sched_getaffinity(0))
+        except AttributeError:  # not Linux
+            cpus = os.cpu_count() or 1
+        return max(1, min(cpus, WORKERS_CAP))
+    return max(1, int(setting))
+
+
+def reuseport_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.set_inheritable(False)
+    return sock
+
+
+# ---------------------------------------------------------------------------- the table
+def _entry(svc: Service) -> dict[str, Any] | None:
+    """What a worker needs to proxy to `svc` itself; None when it must hand requests off."""
+    from hestia.lifecycle import State
+
+    up = svc.upstream
+    if (
+        up is None
+        or svc.state is not State.READY
+        or svc.workers_holding
+        or svc.wake is not None
+        or svc.config.max_concurrency is not None
+    ):
+        return None
+    t = svc.timeouts
+    return {
+        "host": up.host,
+        "port": up.port,
+        "base": up.base_path.decode("latin-1"),
+        "hh": up.host_header.decode("latin-1"),
+        "preserve_host": svc.config.preserve_host,
+        "strategy": svc.config.strategy,
+        "timeouts": [t.connect, t.response_headers, t.idle_body],
+    }
+
+
+# ---------------------------------------------------------------------------- controller
+class _Link:
+    """One worker's control connection, and what its last report said."""
+
+    def __init__(self, index: int, writer: asyncio.StreamWriter) -> None:
+        self.index = index
+        self.writer = writer
+        self.ack = -1
+        self.busy: dict[str, int] = {}
+        self.acked = asyncio.Event()
+
+    def send(self, message: bytes) -> None:
+        if not self.writer.is_closing():
+            self.writer.write(message)
+
+
+class Controller:
+    """The controller's side: starts and restarts the workers, sends the table, takes their
+    reports into the gateway's services and metrics, and lets the private port be the only
+    one where a request may say which client it came from."""
+
+    def __init__(
+        self,
+        gateway: Gateway,
+        count: int,
+        host: str,
+        port: int,
+        config_path: str | None,
+        log_format: str,
+        log_level: str,
+    ) -> None:
+        self.gateway = gateway
+        self.count = count
+        self.host = host
+        self.port = port
+        self.token = secrets.token_hex(16).encode()
+        self.handoff_socket = socket.create_server(("127.0.0.1", 0), backlog=2048)
+        self.handoff_port: int = self.handoff_socket.getsockname()[1]
+        self._dir = tempfile.mkdtemp(prefix="hestia-ctl-")
+        self.control_path = str(Path(self._dir) / "control.sock")
+        self._worker_args = {
+            "config": config_path,
+            "log_format": log_format,
+            "log_level": log_level,
+        }
+        self.generation = 0
+        self._sent: dict[str, Any] | None = None
+        self._links: dict[int, _Link] = {}
+        self._procs: dict[int, asyncio.subprocess.Process] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._server: asyncio.AbstractServer | None = None
+        self._stopping = False
+        self.restarts = 0
+
+    # -------------------------------------------------------------- the ASGI entry
+    def wrap(self, app: ASGIApp) -> ASGIApp:
+        token = self.token
+
+        async def entry(scope: Scope, receive: Receive, send: Send) -> None:
+            kind = scope["type"]
+            if kind == "lifespan":
+                await app(scope, self._lifespan_receive(receive), self._lifespan_send(send))
+                return
+            headers: list[tuple[bytes, bytes]] = scope["headers"]
+            given = client = None
+            for key, value in headers:
+                if key == HANDOFF_TOKEN:
+                    given = value
+                elif key == HANDOFF_CLIENT:
+                    client = value
+            if given is not None or client is not None:
+                scope = dict(scope)
+                scope["headers"] = [
+                    (k, v) for k, v in headers if k not in (HANDOFF_TOKEN, HANDOFF_CLIENT)
+                ]
+                if given is not None and secrets.compare_digest(given, token) and client:
+                    ip, _, port = client.decode("latin-1").rpartition(" ")
+                    scope["client"] = (ip, int(port) if port.isdigit() else 0)
+            await app(scope, receive, send)
+
+        return entry
+
+    def _lifespan_send(self, send: Send) -> Send:
+        async def wrapped(message: MutableMapping[str, Any]) -> None:
+            if message["type"] == "lifespan.startup.complete":
+                await self.start()
+            await send(message)
+
+        return wrapped
+
+    def _lifespan_receive(self, receive: Receive) -> Receive:
+        async def wrapped() -> MutableMapping[str, Any]:
+            message = await receive()
+            if message["type"] == "lifespan.shutdown":
+                await self.stop()
+            return message
+
+        return wrapped
+
+    # -------------------------------------------------------------- workers
+    async def start(self) -> None:
+        self._server = await asyncio.start_unix_server(self._accept, path=self.control_path)
+        os.chmod(self.control_path, 0o600)
+        self._publish(force=True)
+        for index in range(self.count):
+            await self._spawn(index)
+        self._tasks.append(asyncio.create_task(self._poll(), name="hestia-workers-table"))
+        logger.info(
+            "{} data-plane workers on {}:{} (SO_REUSEPORT), the controller on 127.0.0.1:{}",
+            self.count,
+            self.host,
+            self.port,
+            self.handoff_port,
+        )
+
+    async def _spawn(self, index: int) -> None:
+        args = [
+            sys.executable,
+            "-m",
+            "hestia.workers",
+            "--index",
+            str(index),
+            "--host",
+            self.host,
+            "--port",
+            str(self.port),
+            "--control",
+            self.control_path,
+            "--handoff-port",
+            str(self.handoff_port),
+            "--log-format",
+            self._worker_args["log_format"] or "json",
+            "--log-level",
+            self._worker_args["log_level"] or "INFO",
+        ]
+        if self._worker_args["config"]:
+            args += ["--config", str(self._worker_args["config"])]
+        env = {**os.environ, "HESTIA_HANDOFF_TOKEN": self.token.decode()}
+        proc = await asyncio.create_subprocess_exec(*args, env=env)
+        self._procs[index] = proc
+        self._tasks.append(asyncio.create_task(self._watch(index, proc), name=f"worker-{index}"))
+
+    async def _watch(self, index: int, proc: asyncio.subprocess.Process) -> None:
+        code = await proc.wait()
+        if self._stopping or self._procs.get(index) is not proc:
+            return
+        logger.warning(
+            "data-plane worker {} (pid {}) exited with {}: its requests in flight are "
+            "released and it is started again",
+            index,
+            proc.pid,
+            code,
+        )
+        self._drop(index)
+        self.restarts += 1
+        await asyncio.sleep(RESPAWN_DELAY_S)
+        if not self._stopping:
+            await self._spawn(index)
+
+    def _drop(self, index: int) -> None:
+        link = self._links.pop(index, None)
+        if link is not None:
+            link.writer.close()
+            self._apply_busy()
+
+    @property
+    def worker_pids(self) -> dict[int, int]:
+        return {i: p.pid for i, p in self._procs.items() if p.returncode is None}
+
+    async def stop(self) -> None:
+        self._stopping = True
+        for task in self._tasks:
+            task.cancel()
+        for proc in self._procs.values():
+            if proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGTERM)
+        grace = self.gateway.config.server.shutdown_grace + 5
+        for proc in self._procs.values():
+            try:
+                await asyncio.wait_for(proc.wait(), grace)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
+        if self._server is not None:
+            self._server.close()
+        for link in self._links.values():
+            link.writer.close()
+        with contextlib.suppress(OSError):
+            os.unlink(self.control_path)
+            os.rmdir(self._dir)
+
+    # -------------------------------------------------------------- the control channel
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        link: _Link | None = None
+        try:
+            hello = json.loads(await reader.readline())
+            index = int(hello["index"])
+            link = _Link(index, writer)
+            old = self._links.get(index)
+            if old is not None:
+                old.writer.close()
+            self._links[index] = link
+            self._send_table(link)
+            while line := await reader.readline():
+                self._report(link, json.loads(line))
+        except (ConnectionError, ValueError, KeyError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            if link is not None and self._links.get(link.index) is link:
+                del self._links[link.index]
+                self._apply_busy()
+            writer.close()
+
+    def _report(self, link: _Link, report: dict[str, Any]) -> None:
+        services = self.gateway.registry.services
+        now = time.monotonic()
+        for name in report.get("touched", ()):
+            svc = services.get(name)
+            if svc is not None:
+                svc.last_activity = max(svc.last_activity, now)
+                svc.last_activity_wall = time.time()
+        for name, c in report.get("counts", {}).items():
+            m = self.gateway.metrics.service(name)
+            for i in range(5):
+                m.requests[i] += c[i]
+            m.errors += c[5]
+            m.upstream_errors += c[6]
+            m.bytes_in += c[7]
+            m.bytes_out += c[8]
+        link.busy = {k: int(v) for k, v in report.get("busy", {}).items()}
+        self._apply_busy()
+        ack = int(report.get("ack", -1))
+        if ack > link.ack:
+            link.ack = ack
+        if link.ack >= self.generation:
+            link.acked.set()
+
+    def _apply_busy(self) -> None:
+        totals: dict[str, int] = {}
+        for link in self._links.values():
+            for name, n in link.busy.items():
+                totals[name] = totals.get(name, 0) + n
+        for name, svc in self.gateway.registry.services.items():
+            svc.workers_in_flight = totals.get(name, 0)
+
+    def table(self) -> dict[str, Any]:
+        services = {}
+        for name, svc in list(self.gateway.registry.services.items()):
+            if svc.workers_barrier is None:
+                svc.workers_barrier = self.barrier
+            entry = _entry(svc)
+            if entry is not None:
+                services[name] = entry
+        router = self.gateway.router
+        return {"services": services, "hosts": router.hosts, "keep": sorted(router.keep_prefix)}
+
+    def _publish(self, force: bool = False) -> None:
+        table = self.table()
+        if not force and table == self._sent:
+            return
+        self._sent = table
+        self.generation += 1
+        for link in self._links.values():
+            link.acked.clear()
+            self._send_table(link)
+
+    def _send_table(self, link: _Link) -> None:
+        message = {"gen": self.generation, **(self._sent or {})}
+        link.send(json.dumps(message).encode() + b"\n")
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(POLL_S)
+            self._publish()
+
+    async def barrier(self) -> None:
+        """Send the table as it is now and wait until every worker has it (and has said what
+        it still has in flight). A worker that does not answer in time is killed (and
+        started again), so its in-flight requests cannot be counted on."""
+        self._publish(force=True)
+        generation = self.generation
+        waiting = [link for link in self._links.values() if link.ack < generation]
+        if not waiting:
+            return
+        _, pending = await asyncio.wait(
+            [asyncio.ensure_future(link.acked.wait()) for link in waiting],
+            timeout=BARRIER_TIMEOUT_S,
+        )
+        for fut in pending:
+            fut.cancel()
+        for link in waiting:
+            if link.ack < generation and self._links.get(link.index) is link:
+                proc = self._procs.get(link.index)
+                logger.error(
+                    "data-plane worker {} did not acknowledge table {} within {:g}s: killing it",
+                    link.index,
+                    generation,
+                    BARRIER_TIMEOUT_S,
+                )
+                if proc is not None and proc.returncode is None:
+                    proc.kill()
+                self._drop(link.index)
+
+
+# ---------------------------------------------------------------------------- worker
+class _Config:
+    __slots__ = ("preserve_host", "strategy")
+
+    def __init__(self, preserve_host: bool, strategy: str) -> None:
+        self.preserve_host = preserve_host
+        self.strategy = strategy
+
+
+class _RemoteService:
+    """The part of `lifecycle.Service` the proxy uses, for a service the controller says is
+    ready: no waiting, and in-flight counts kept for the reports."""
+
+    must_wait = False
+    wake = None
+
+    def __init__(self, worker: Worker, name: str, entry: dict[str, Any]) -> None:
+        from hestia.lifecycle import State
+
+        self.state = State.READY
+        self._worker = worker
+        self.name = name
+        self.upstream = Upstream(
+            entry["host"], entry["port"], entry["base"].encode("latin-1"), entry["hh"].encode()
+        )
+        self.config = _Config(entry["preserve_host"], entry["strategy"])
+        connect, headers, body = entry["timeouts"]
+        self.timeouts = UpstreamTimeouts(connect, headers, body)
+
+    async def acquire(self) -> Upstream:
+        busy = self._worker.busy
+        busy[self.name] = busy.get(self.name, 0) + 1
+        return self.upstream
+
+    def release(self, touch: bool = True) -> None:
+        busy = self._worker.busy
+        busy[self.name] -= 1
+        if touch:
+            self._worker.touched.add(self.name)
+        self._worker.dirty = True
+
+    async def instance_gone(self, upstream: Upstream) -> bool:
+        return False
+
+    def note_refusal(self, code: str) -> None:
+        pass
+
+
+class Worker:
+    """A data-plane worker: the fast path itself, the rest handed to the controller."""
+
+    def __init__(self, index: int, control_path: str, handoff_port: int, token: bytes) -> None:
+        from hestia.metrics import Metrics
+        from hestia.proxy import Proxy
+
+        self.index = index
+        self.control_path = control_path
+        self.handoff = Upstream(
+            "127.0.0.1", handoff_port, b"", f"127.0.0.1:{handoff_port}".encode()
+        )
+        self.token = token
+        self.generation = -1
+        self.services: dict[str, _RemoteService] = {}
+        self.router = Router()
+        self.busy: dict[str, int] = {}
+        self.touched: set[str] = set()
+        self.dirty = False
+        self.metrics = Metrics()
+        self._sent_counts: dict[str, list[int]] = {}
+        self.pool = UpstreamPool()
+        self.handoff_pool = UpstreamPool()
+        self.proxy = Proxy(self._lookup, self.pool, self.metrics)
+        self.handoff_all = False  # auth on: the controller checks every request
+        self._writer: asyncio.StreamWriter | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def _lookup(self, name: str) -> Any:
+        return self.services[name]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        if not self.handoff_all:
+            route = self.router.resolve(scope)
+            if route is not None and route.service in self.services:
+                await self.proxy.handle(scope, receive, send, route)
+                return
+        if kind == "websocket":
+            await self._handoff_websocket(scope, receive, send)
+        else:
+            await self._handoff(scope, receive, send)
+
+    # -------------------------------------------------------------- handing off
+    def _handoff_headers(self, scope: Scope) -> list[tuple[bytes, bytes]]:
+        client = scope.get("client")
+        who = f"{client[0]} {client[1]}" if client else ""
+        return [(HANDOFF_TOKEN, self.token), (HANDOFF_CLIENT, who.encode("latin-1"))]
+
+    async def _handoff(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = [(k, v) for k, v in scope["headers"] if k not in _HOP_BY_HOP]
+        has_body = False
+        for key, value in scope["headers"]:
+            if (key == b"content-length" and value.strip() not in (b"", b"0")) or (
+                key == b"transfer-encoding"
+            ):
+                has_body = True
+        headers += self._handoff_headers(scope)
+        target: bytes = scope.get("raw_path") or scope["path"].encode()
+        query: bytes = scope.get("query_string", b"")
+        if query:
+            target += b"?" + query
+        task = asyncio.current_task()
+        assert task is not None
+        gone = False
+        watcher: asyncio.Task[None] | None = None
+
+        async def body() -> AsyncIterator[bytes]:
+            while True:
+                msg = await receive()
+                if msg["type"] == "http.disconnect":
+                    raise asyncio.CancelledError
+                if msg.get("body"):
+                    yield msg["body"]
+                if not msg.get("more_body", False):
+                    return
+
+        async def watch() -> None:
+            nonlocal gone
+            while True:
+                msg = await receive()
+                if msg["type"] == "http.disconnect":
+                    gone = True
+                    task.cancel()
+                    return
+
+        try:
+            if not has_body:
+                watcher = asyncio.create_task(watch())
+            try:
+                resp = await self.handoff_pool.request(
+                    self.handoff.host,
+                    self.handoff.port,
+                    scope["method"].encode(),
+                    target,
+                    headers,
+                    body() if has_body else None,
+                    timeouts=UpstreamTimeouts(5.0, None, None),
+                )
+            except UpstreamError as exc:
+                await send_error(
+                    send,
+                    UpstreamUnreachable(
+                        f"the Hestia controller did not answer this worker: {exc.reason}; "
+                        "it may be restarting, try again"
+                    ),
+                )
+                return
+            try:
+                out = [(k, v) for k, v in resp.headers if k not in _HOP_BY_HOP and k != b"date"]
+                await send({"type": "http.response.start", "status": resp.status, "headers": out})
+                last = b""
+                if resp.has_body():
+                    async for chunk in resp.read_chunks():
+                        if resp.complete:
+                            last = chunk
+                            break
+                        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                await send({"type": "http.response.body", "body": last, "more_body": False})
+            except UpstreamError:
+                abort = scope.get("extensions", {}).get("hestia.abort")
+                if abort is None:
+                    raise
+                abort()
+            finally:
+                await resp.aclose()
+        except asyncio.CancelledError:
+            if gone and task.uncancel() == 0:
+                return  # the client left: the connection to the controller is closed
+            raise
+        finally:
+            if watcher is not None:
+                watcher.cancel()
+
+    async def _handoff_websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        from hestia.headers import TrustedProxies
+        from hestia.websocket import _relay
+
+        scope = dict(scope)
+        scope["headers"] = [
+            (k, v) for k, v in scope["headers"] if k not in (HANDOFF_TOKEN, HANDOFF_CLIENT)
+        ] + self._handoff_headers(scope)
+        raw: bytes = scope.get("raw_path") or scope["path"].encode()
+        route = Route("", raw, b"", False, True)
+        await _relay(scope, receive, send, route, self.handoff, TrustedProxies(), True)
+
+    # -------------------------------------------------------------- control channel
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            msg = await receive()
+            if msg["type"] == "lifespan.startup":
+                reader, self._writer = await asyncio.open_unix_connection(self.control_path)
+                self._writer.write(json.dumps({"index": self.index, "pid": os.getpid()}).encode())
+                self._writer.write(b"\n")
+                self._tasks.append(asyncio.create_task(self._read_tables(reader)))
+                self._tasks.append(asyncio.create_task(self._report_loop()))
+                await send({"type": "lifespan.startup.complete"})
+            elif msg["type"] == "lifespan.shutdown":
+                self._report()  # the last counters
+                for task in self._tasks:
+                    task.cancel()
+                if self._writer is not None:
+                    with contextlib.suppress(ConnectionError):
+                        await self._writer.drain()
+                    self._writer.close()
+                await self.pool.aclose()
+                await self.handoff_pool.aclose()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def _read_tables(self, reader: asyncio.StreamReader) -> None:
+        while line := await reader.readline():
+            table = json.loads(line)
+            self.services = {
+                name: _RemoteService(self, name, entry) for name, entry in table["services"].items()
+            }
+            self.router.configure(table["hosts"], table["keep"])
+            self.generation = table["gen"]
+            self._report()
+        logger.error("the controller closed the control channel: this worker stops")
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    async def _report_loop(self) -> None:
+        while True:
+            await asyncio.sleep(REPORT_S)
+            if self.dirty or self.touched:
+                self._report()
+
+    def _report(self) -> None:
+        counts: dict[str, list[int]] = {}
+        for name, m in self.metrics.services.items():
+            now = [*m.requests, m.errors, m.upstream_errors, m.bytes_in, m.bytes_out]
+            before = self._sent_counts.get(name, [0] * 9)
+            if now != before:
+                counts[name] = [a - b for a, b in zip(now, before, strict=True)]
+                self._sent_counts[name] = now
+        report = {
+            "ack": self.generation,
+            "busy": {k: v for k, v in self.busy.items() if v},
+            "touched": sorted(self.touched),
+            "counts": counts,
+        }
+        self.touched.clear()
+        self.dirty = False
+        if self._writer is not None and not self._writer.is_closing():
+            self._writer.write(json.dumps(report).encode() + b"\n")
+
+
+def _worker_main(argv: list[str] | None = None) -> int:
+    import gc
+
+    from hestia.config import load_config
+    from hestia.logs import setup_logging
+    from hestia.proxy import JsonAccessLog
+    from hestia.server import build_server
+
+    ap = argparse.ArgumentParser(prog="hestia-worker")
+    ap.add_argument("--index", type=int, required=True)
+    ap.add_argument("--host", required=True)
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--control", required=True)
+    ap.add_argument("--handoff-port", type=int, required=True)
+    ap.add_argument("--config")
+    ap.add_argument("--log-format", default="json")
+    ap.add_argument("--log-level", default="INFO")
+    args = ap.parse_args(argv)
+    setup_logging(args.log_format, args.log_level)
+    config = load_config(args.config)
+    token = os.environ.pop("HESTIA_HANDOFF_TOKEN", "").encode()
+    worker = Worker(args.index, args.control, args.handoff_port, token)
+    worker.handoff_all = config.auth.enabled
+    if not config.logging.access:
+        worker.proxy = type(worker.proxy)(worker._lookup, worker.pool, worker.metrics, False)
+    writer = None
+    if args.log_format == "json" and args.log_level.upper() in ("TRACE", "DEBUG", "INFO"):
+        writer = worker.proxy.access_writer = JsonAccessLog(max_write=PIPE_BUF)
+    sock = reuseport_socket(args.host, args.port)
+    server = build_server(
+        cast(ASGIApp, worker),
+        args.host,
+        args.port,
+        shutdown_grace=config.server.shutdown_grace,
+        limits=config.server.limits,
+        timeouts=config.server.timeouts,
+    )
+    gc.collect()
+    gc.freeze()
+    try:
+        server.run(sockets=[sock])
+    finally:
+        if writer is not None:
+            writer.flush()
+    return 0
+
+
+BarrierHook = Callable[[], Awaitable[None]]
+
+if __name__ == "__main__":
+    sys.exit(_worker_main())
