@@ -969,6 +969,7 @@ class Service:
             "startup_timeout_s": self.config.startup_timeout,
             "stop_timeout_s": self.config.stop_timeout,
             "in_flight": self.in_flight,
+            "workers_in_flight": self.workers_in_flight,
             "waiting": self.waiting,
             "peak_waiting": self.peak_waiting,
             "queued": self.queued,

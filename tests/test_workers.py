@@ -1,0 +1,311 @@
+"""Data-plane workers (`server.workers: 2`), end to end: `hestia serve` as a real process tree
+(the controller and its workers), real host processes as services (`backend: process`), real
+SIGSTOP and SIGKILL."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from hestia.workers import worker_count
+from tests.conftest import free_port, wait_for
+from tests.test_access_log import _upstream
+from tests.test_backend_process import SERVER, _tagged
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(p) for p in text.split()]
+
+
+def _kill_tree(pid: int) -> None:
+    for child in _children(pid):
+        _kill_tree(child)
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+class Gateway:
+    """`hestia serve` with `server.workers: 2`; its stdout goes to a file."""
+
+    def __init__(self, tmp_path: Path, services: dict[str, Any], **extra: Any) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = {
+            "server": {"host": "127.0.0.1", "port": self.port, "workers": 2},
+            "docker": {"enabled": False},
+            "database": {"url": f"sqlite:///{tmp_path}/h.db"},
+            "process": {"state_dir": str(tmp_path / "state")},
+            "services": services,
+            **extra,
+        }
+        cfg = tmp_path / "hestia_config.yml"
+        cfg.write_text(json.dumps(config))
+        self.log = tmp_path / "hestia.log"
+        env = {k: v for k, v in os.environ.items() if k != "HESTIA_LOG_FORMAT"}
+        self._out = open(self.log, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "hestia", "serve", "--config", str(cfg)],
+            stdout=self._out,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+
+    async def ready(self, client: httpx.AsyncClient) -> None:
+        async def workers_up() -> bool:
+            assert self.proc.poll() is None, self.log.read_text()[-3000:]
+            if len(self.workers()) != 2:
+                return False
+            try:
+                return (await client.get(f"{self.url}/v1/health")).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        await wait_for(workers_up, 30, "the controller and two workers")
+
+    def workers(self) -> list[int]:
+        return _children(self.proc.pid)
+
+    def lines(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.log.read_text().splitlines()]
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                _kill_tree(self.proc.pid)
+                self.proc.wait(5)
+        self._out.close()
+
+
+@pytest.fixture
+def gateways() -> Iterator[list[Gateway]]:
+    running: list[Gateway] = []
+    yield running
+    for gw in running:
+        workers = gw.workers()
+        gw.stop()
+        for pid in workers:
+            _kill_tree(pid)
+
+
+@pytest.fixture
+def tag(tmp_path: Path) -> Iterator[str]:
+    marker = f"hestia-test-{tmp_path.name}-{os.getpid()}"
+    yield marker
+    for pid in _tagged(marker):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[httpx.AsyncClient]:
+    limits = httpx.Limits(max_connections=100, max_keepalive_connections=100)
+    async with httpx.AsyncClient(timeout=60, limits=limits) as c:
+        yield c
+
+
+def process_service(tag: str, **extra: Any) -> dict[str, Any]:
+    entry: dict[str, Any] = {
+        "backend": "process",
+        "command": [sys.executable, str(SERVER), "--port", "${PORT}", "--tag", tag],
+        "startup_timeout": "30s",
+        "stop_timeout": "5s",
+    }
+    entry.update(extra)
+    return entry
+
+
+async def status(client: httpx.AsyncClient, gw: Gateway, name: str) -> dict[str, Any]:
+    answer: dict[str, Any] = (await client.get(f"{gw.url}/v1/services/{name}/status")).json()
+    return answer
+
+
+async def served_by_a_worker(client: httpx.AsyncClient, gw: Gateway, path: str) -> None:
+    """Wait until `path` is answered while the controller is stopped (SIGSTOP): the workers
+    have the service on their fast path. (Between tries the controller runs, so that it can
+    send the workers its table.)"""
+
+    async def answered_alone() -> bool:
+        os.kill(gw.proc.pid, signal.SIGSTOP)
+        try:
+            return (await client.get(gw.url + path, timeout=0.5)).status_code == 200
+        except httpx.HTTPError:
+            return False
+        finally:
+            os.kill(gw.proc.pid, signal.SIGCONT)
+
+    await wait_for(answered_alone, 20, f"{path} served by a worker alone")
+
+
+def test_worker_count() -> None:
+    assert worker_count(1) == 1
+    assert worker_count(3) == 3
+    assert 1 <= worker_count("auto") <= 8
+
+
+async def test_workers_serve_alone_and_every_request_is_counted_once(
+    tmp_path: Path, gateways: list[Gateway], client: httpx.AsyncClient
+) -> None:
+    listener, stop = _upstream()
+    try:
+        gw = Gateway(tmp_path, {"ok": {"url": f"http://127.0.0.1:{listener.getsockname()[1]}"}})
+        gateways.append(gw)
+        await gw.ready(client)
+        # the controller paused: requests for a ready service are still answered, by workers
+        await served_by_a_worker(client, gw, "/services/ok/x")
+        n = 400
+        answers = await asyncio.gather(
+            *(
+                client.get(f"{gw.url}/services/ok/{i}", headers={"X-Request-ID": f"r-{i}"})
+                for i in range(n)
+            )
+        )
+        assert [a.status_code for a in answers] == [200] * n
+        assert (await client.get(f"{gw.url}/services/nope/x")).status_code == 404
+
+        async def counted() -> bool:
+            metrics = (await client.get(f"{gw.url}/v1/metrics")).json()
+            return bool(metrics["services"]["ok"]["requests"]["2xx"] >= n)
+
+        await wait_for(counted, 10, "the workers' reports")
+        metrics = (await client.get(f"{gw.url}/v1/metrics")).json()
+        served = metrics["services"]["ok"]["requests"]["2xx"]
+        assert metrics["services"]["<unknown>"]["requests"]["4xx"] == 1
+        assert (await status(client, gw, "ok"))["workers_in_flight"] == 0
+        gw.stop()
+        lines = gw.lines()  # every line parses
+    finally:
+        stop.set()
+        listener.close()
+    access = [line for line in lines if line.get("event") == "access"]
+    ids = [line["request_id"] for line in access if line["request_id"].startswith("r-")]
+    assert sorted(ids) == sorted(f"r-{i}" for i in range(n))  # each exactly once
+    ok_lines = [line for line in access if line["service"] == "ok"]
+    assert len(ok_lines) == served  # the metrics count what the access log shows
+    assert all(line["client"] == "127.0.0.1" for line in access)
+
+
+async def test_cold_start_through_workers_starts_once(
+    tmp_path: Path, gateways: list[Gateway], client: httpx.AsyncClient, tag: str
+) -> None:
+    spawns = tmp_path / "spawns.log"
+    svc = process_service(tag, env={"DELAY": "0.5", "SPAWN_LOG": str(spawns)})
+    gw = Gateway(tmp_path, {"llm": svc})
+    gateways.append(gw)
+    await gw.ready(client)
+    answers = await asyncio.gather(*(client.get(f"{gw.url}/services/llm/") for _ in range(100)))
+    assert [a.status_code for a in answers] == [200] * 100
+    assert len({a.json()["pid"] for a in answers}) == 1
+    assert len(spawns.read_text().splitlines()) == 1
+    metrics = (await client.get(f"{gw.url}/v1/metrics")).json()
+    assert metrics["services"]["llm"]["cold_starts"] == 1
+
+
+async def test_idle_stop_never_cuts_a_stream_in_a_worker(
+    tmp_path: Path, gateways: list[Gateway], client: httpx.AsyncClient, tag: str
+) -> None:
+    release = tmp_path / "release"
+    spawns = tmp_path / "spawns.log"
+    svc = process_service(
+        tag, idle_timeout="1s", env={"RELEASE": str(release), "SPAWN_LOG": str(spawns)}
+    )
+    gw = Gateway(tmp_path, {"llm": svc})
+    gateways.append(gw)
+    await gw.ready(client)
+    assert (await client.get(f"{gw.url}/services/llm/")).status_code == 200  # cold start
+    await served_by_a_worker(client, gw, "/services/llm/")
+    ticks = 0
+    async with client.stream("GET", f"{gw.url}/services/llm/stream") as resp:
+        assert resp.status_code == 200
+        t0 = time.monotonic()
+        async for line in resp.aiter_lines():
+            if line.endswith("tick"):
+                ticks += 1
+            if line.endswith("done"):
+                break
+            if ticks == 60:  # about 3 s: three idle timeouts with the stream going
+                now = await status(client, gw, "llm")
+                assert now["state"] == "ready"
+                assert now["workers_in_flight"] == 1 and now["in_flight"] == 0
+                release.write_text("")
+    assert time.monotonic() - t0 >= 2.5
+    assert ticks >= 60
+
+    # once the stream ended, the idle timer stops it
+    async def stopped() -> bool:
+        return bool((await status(client, gw, "llm"))["state"] == "stopped")
+
+    await wait_for(stopped, 20, "the idle stop after the stream")
+    final = await status(client, gw, "llm")
+    assert final["last_stop"]["cause"] == "idle"
+    assert len(spawns.read_text().splitlines()) == 1
+
+
+async def test_a_killed_worker_is_restarted_and_its_requests_released(
+    tmp_path: Path, gateways: list[Gateway], client: httpx.AsyncClient
+) -> None:
+    listener, stop = _upstream()
+    try:
+        gw = Gateway(tmp_path, {"ok": {"url": f"http://127.0.0.1:{listener.getsockname()[1]}"}})
+        gateways.append(gw)
+        await gw.ready(client)
+        await served_by_a_worker(client, gw, "/services/ok/x")
+        before = set(gw.workers())
+        victim = min(before)
+        outcomes: list[int] = []
+        loading = True
+
+        async def load() -> None:
+            while loading:
+                try:
+                    async with httpx.AsyncClient(timeout=10) as fresh:  # new connections
+                        outcomes.append((await fresh.get(f"{gw.url}/services/ok/y")).status_code)
+                except httpx.HTTPError:
+                    outcomes.append(0)  # a connection the dead worker had
+
+        tasks = [asyncio.create_task(load()) for _ in range(10)]
+        await wait_for(lambda: len(outcomes) > 50, 20, "load")
+        os.kill(victim, signal.SIGKILL)
+        await wait_for(
+            lambda: len(set(gw.workers()) - before) == 1 and len(gw.workers()) == 2,
+            20,
+            "the worker started again",
+        )
+        mark = len(outcomes)
+        await wait_for(lambda: len(outcomes) > mark + 200, 30, "load on the new workers")
+        loading = False
+        await asyncio.gather(*tasks)
+        assert outcomes[mark + 50 :].count(200) == len(outcomes[mark + 50 :])
+        assert victim not in gw.workers()
+
+        async def released() -> bool:
+            return bool((await status(client, gw, "ok"))["workers_in_flight"] == 0)
+
+        await wait_for(released, 10, "in-flight counts back to 0")
+        gw.stop()
+        text = gw.log.read_text()
+    finally:
+        stop.set()
+        listener.close()
+    assert f"(pid {victim}) exited with -9" in text
