@@ -58,7 +58,7 @@ def _serve(args: argparse.Namespace) -> int:
         host,
         port,
         shutdown_grace=config.server.shutdown_grace,
-        on_exit=gateway.begin_shutdown,
+        on_exit=gateway.begin_shutdown if controller is None else controller.begin_shutdown,
         limits=config.server.limits,
         timeouts=config.server.timeouts,
     )

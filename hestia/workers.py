@@ -299,14 +299,24 @@ class Controller:
     def worker_pids(self) -> dict[int, int]:
         return {i: p.pid for i, p in self._procs.items() if p.returncode is None}
 
-    async def stop(self) -> None:
+    def begin_shutdown(self) -> None:
+        """SIGTERM: held requests are answered 503 (the gateway's own begin_shutdown), the
+        workers stop accepting and finish what they carry (their hand-offs still reach this
+        process, which drains at the same time); none is started again."""
+        self.gateway.begin_shutdown()
+        self._signal_workers()
+
+    def _signal_workers(self) -> None:
         self._stopping = True
-        for task in self._tasks:
-            task.cancel()
         for proc in self._procs.values():
             if proc.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
                     proc.send_signal(signal.SIGTERM)
+
+    async def stop(self) -> None:
+        self._signal_workers()
+        for task in self._tasks:
+            task.cancel()
         grace = self.gateway.config.server.shutdown_grace + 5
         for proc in self._procs.values():
             try:

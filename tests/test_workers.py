@@ -309,3 +309,30 @@ async def test_a_killed_worker_is_restarted_and_its_requests_released(
         stop.set()
         listener.close()
     assert f"(pid {victim}) exited with -9" in text
+
+
+async def test_sigterm_answers_held_requests_through_the_workers(
+    tmp_path: Path, gateways: list[Gateway], client: httpx.AsyncClient, tag: str
+) -> None:
+    svc = process_service(tag, env={"DELAY": "60"})  # never ready while the test runs
+    gw = Gateway(tmp_path, {"llm": svc})
+    gateways.append(gw)
+    await gw.ready(client)
+    workers = gw.workers()
+    held = [asyncio.create_task(client.get(f"{gw.url}/services/llm/")) for _ in range(20)]
+
+    async def all_waiting() -> bool:
+        return bool((await status(client, gw, "llm"))["waiting"] == 20)
+
+    await wait_for(all_waiting, 20, "20 requests held by the controller")
+    t0 = time.monotonic()
+    gw.proc.send_signal(signal.SIGTERM)
+    answers = await asyncio.gather(*held)
+    assert [a.status_code for a in answers] == [503] * 20
+    assert all(a.json()["error"]["code"] == "shutting_down" for a in answers)
+    assert time.monotonic() - t0 < 10
+    await wait_for(lambda: gw.proc.poll() is not None, 30, "the controller to exit")
+    assert gw.proc.returncode == 0
+    await wait_for(
+        lambda: not any(Path(f"/proc/{pid}").exists() for pid in workers), 10, "workers gone"
+    )
