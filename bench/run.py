@@ -338,9 +338,9 @@ class Hestia:
         self.name = name
         self.port = free_port()
         config = {
-            "server": {"host": "127.0.0.1", "port": self.port},
             "database": {"url": f"sqlite:///{tmp}/{name}.db"},
             **config,
+            "server": {"host": "127.0.0.1", "port": self.port, **config.get("server", {})},
         }
         cfg_path = tmp / f"{name}.yml"
         cfg_path.write_text(json.dumps(config, indent=2))  # JSON is YAML
@@ -370,6 +370,16 @@ class Hestia:
     @property
     def pid(self) -> int:
         return self.proc.pid
+
+    def pids(self) -> list[int]:
+        """The process and its children (data-plane workers)."""
+        found = [self.proc.pid]
+        for pid in found:
+            with contextlib.suppress(OSError):
+                found += [
+                    int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+                ]
+        return found
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"
@@ -792,6 +802,13 @@ class Bench:
         self.hestia_nolog = Hestia(
             self.procs, self.tmp, "hestia-nolog", {**base, "logging": {"access": False}}
         )
+        # the same, with two data-plane workers (server.workers, hestia/workers.py)
+        self.hestia_w2 = Hestia(
+            self.procs,
+            self.tmp,
+            "hestia-w2",
+            {**base, "logging": {"access": True}, "server": {"workers": 2}},
+        )
         self.baseline: dict[str, Hestia] = {}
         if self.args.baseline:
             root = self._baseline_tree(self.args.baseline)
@@ -854,8 +871,14 @@ class Bench:
             "goproxy": f"http://127.0.0.1:{goproxy}/1k.bin",
             "hestia": self.hestia.url("/services/nginx/1k.bin"),
             "hestia_nolog": self.hestia_nolog.url("/services/nginx/1k.bin"),
+            "hestia_w2": self.hestia_w2.url("/services/nginx/1k.bin"),
         }
-        gateways = {"hestia": self.hestia, "hestia_nolog": self.hestia_nolog, **self.baseline}
+        gateways = {
+            "hestia": self.hestia,
+            "hestia_nolog": self.hestia_nolog,
+            "hestia_w2": self.hestia_w2,
+            **self.baseline,
+        }
         for key, h in self.baseline.items():
             targets[key] = h.url("/services/nginx/1k.bin")
         log("small requests: warm-up")
@@ -868,10 +891,11 @@ class Bench:
                 for name, url in targets.items():
                     if name in gateways:
                         h = gateways[name]
-                        cpu0 = cpu_seconds([h.pid])
+                        pids = h.pids()
+                        cpu0 = cpu_seconds(pids)
                         with RssSampler(h.pid, 0.05) as rss:
                             res = wrk(url, conns, self.secs)
-                        res["cpu_us"] = (cpu_seconds([h.pid]) - cpu0) / res["requests"] * 1e6
+                        res["cpu_us"] = (cpu_seconds(pids) - cpu0) / res["requests"] * 1e6
                         if conns == 50 and name in load_peak:
                             load_peak[name] = max(load_peak[name], rss.peak)
                     else:
@@ -913,6 +937,12 @@ class Bench:
             [
                 n["p50_ms"] - d["p50_ms"]
                 for n, d in zip(runs["nginx"][1], runs["direct"][1], strict=True)
+            ]
+        )
+        out["workers2_vs_1_50"] = median(
+            [
+                w["rps"] / one["rps"]
+                for w, one in zip(runs["hestia_w2"][50], runs["hestia"][50], strict=True)
             ]
         )
         out["log_on_vs_off_50"] = median(
@@ -1144,6 +1174,7 @@ def report(res: dict[str, Any]) -> tuple[str, list[str]]:
             "goproxy": "Go stdlib httputil.ReverseProxy",
             "hestia": "Hestia, access log on (to a file)",
             "hestia_nolog": "Hestia, access log off",
+            "hestia_w2": "Hestia, access log on, `server.workers: 2`",
         }
         if "base" in small:
             ref = res.get("baseline", "baseline")
@@ -1180,6 +1211,12 @@ def report(res: dict[str, Any]) -> tuple[str, list[str]]:
             verdicts.append(
                 (f"added p50 at 1 conn ({label})", "≤ 0.30 ms", f"{a:.3f} ms", a <= 0.3)
             )
+        if "workers2_vs_1_50" in small:
+            add(
+                f"Two data-plane workers against one process (access log on, 50 connections, "
+                f"same rounds): {small['workers2_vs_1_50']:.2f}x the req/s."
+            )
+            add("")
         if "log_on_vs_off_50" in small:
             r = small["log_on_vs_off_50"]
             verdicts.append(
