@@ -17,11 +17,14 @@ from typing import Any
 
 import httpx
 import pytest
+import uvicorn
+from websockets.asyncio.client import connect as ws_connect
 
 from hestia.workers import worker_count
 from tests.conftest import free_port, wait_for
 from tests.test_access_log import _upstream
 from tests.test_backend_process import SERVER, _tagged
+from tests.test_proxy import UpstreamApp
 
 
 def _children(pid: int) -> list[int]:
@@ -336,3 +339,54 @@ async def test_sigterm_answers_held_requests_through_the_workers(
     await wait_for(
         lambda: not any(Path(f"/proc/{pid}").exists() for pid in workers), 10, "workers gone"
     )
+
+
+@pytest.fixture
+async def ws_upstream() -> AsyncIterator[tuple[UpstreamApp, int]]:
+    app = UpstreamApp()
+    port = free_port()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="on")
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve())
+    await wait_for(lambda: server.started, 10, "upstream server")
+    yield app, port
+    server.should_exit = True
+    server.force_exit = True
+    await asyncio.wait_for(task, 10)
+
+
+@pytest.mark.parametrize("where", ["worker", "controller"])
+async def test_websockets_through_a_worker_and_handed_off(
+    tmp_path: Path,
+    gateways: list[Gateway],
+    client: httpx.AsyncClient,
+    ws_upstream: tuple[UpstreamApp, int],
+    where: str,
+) -> None:
+    app, port = ws_upstream
+    up: dict[str, Any] = {"url": f"http://127.0.0.1:{port}"}
+    if where == "controller":
+        up["max_concurrency"] = 4  # a line to keep: the controller's, never a worker's
+    gw = Gateway(tmp_path, {"up": up})
+    gateways.append(gw)
+    await gw.ready(client)
+    if where == "worker":
+        await served_by_a_worker(client, gw, "/services/up/x")
+    async with ws_connect(f"ws://127.0.0.1:{gw.port}/services/up/ws?x=1") as ws:
+        await ws.send("hi")
+        assert await ws.recv() == "echo:hi"
+        await ws.send(b"\x01\x02\x03")
+        assert await ws.recv() == b"\x03\x02\x01"
+        counted = "workers_in_flight" if where == "worker" else "in_flight"
+
+        async def open_counts() -> bool:
+            return bool((await status(client, gw, "up"))[counted] == 1)
+
+        await wait_for(open_counts, 10, f"the open WebSocket in {counted}")
+    await asyncio.wait_for(app.disconnected.wait(), 10)
+
+    async def closed() -> bool:
+        now = await status(client, gw, "up")
+        return bool(now["in_flight"] == 0 and now["workers_in_flight"] == 0)
+
+    await wait_for(closed, 10, "in-flight counts back to 0")
