@@ -390,3 +390,59 @@ async def test_websockets_through_a_worker_and_handed_off(
         return bool(now["in_flight"] == 0 and now["workers_in_flight"] == 0)
 
     await wait_for(closed, 10, "in-flight counts back to 0")
+
+
+@pytest.mark.parametrize("where", ["worker", "controller"])
+async def test_bodies_streams_and_headers_are_the_same_both_ways(
+    tmp_path: Path,
+    gateways: list[Gateway],
+    client: httpx.AsyncClient,
+    ws_upstream: tuple[UpstreamApp, int],
+    where: str,
+) -> None:
+    import hashlib
+
+    app, port = ws_upstream
+    up: dict[str, Any] = {"url": f"http://127.0.0.1:{port}"}
+    if where == "controller":
+        up["max_concurrency"] = 4
+    gw = Gateway(tmp_path, {"up": up})
+    gateways.append(gw)
+    await gw.ready(client)
+    if where == "worker":
+        await served_by_a_worker(client, gw, "/services/up/x")
+    # the headers the upstream sees, and those the client gets back
+    app.seen.clear()
+    r = await client.get(
+        f"{gw.url}/services/up/x?q=1", headers={"X-Request-ID": "same-1", "X-Custom": "c"}
+    )
+    assert r.status_code == 200 and r.text == "root of upstream"
+    assert r.headers["x-request-id"] == "same-1" and r.headers["x-upstream"] == "1"
+    assert len(r.headers.get_list("date")) <= 1
+    seen = app.seen[-1]
+    assert seen["raw_path"] == b"/x" and seen["query"] == b"q=1"
+    assert seen["headers"]["x-request-id"] == "same-1"
+    assert seen["headers"]["x-custom"] == "c"
+    assert seen["headers"]["x-forwarded-for"] == "127.0.0.1"
+    assert not any(k.startswith("x-hestia") for k in seen["headers"])
+    # request bodies, with a length and chunked
+    payload = os.urandom(3 << 20)
+    digest = hashlib.sha256(payload).hexdigest()
+    r = await client.post(f"{gw.url}/services/up/upload", content=payload)
+    assert r.json() == {"bytes": len(payload), "sha256": digest}
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for i in range(0, len(payload), 65536):
+            yield payload[i : i + 65536]
+
+    r = await client.post(f"{gw.url}/services/up/upload", content=chunks())
+    assert r.json() == {"bytes": len(payload), "sha256": digest}
+    # a streamed response, and a client that leaves one that never ends
+    r = await client.get(f"{gw.url}/services/up/download?2000000")
+    assert len(r.content) == 2_000_000
+    app.disconnected.clear()
+    async with client.stream("GET", f"{gw.url}/services/up/forever") as resp:
+        async for line in resp.aiter_lines():
+            if line == "data: tick":
+                break
+    await asyncio.wait_for(app.disconnected.wait(), 10)  # the upstream saw the client go
