@@ -52,7 +52,15 @@ def _serve(args: argparse.Namespace) -> int:
     controller = None
     if workers > 1:  # this process is the controller, on a private port (hestia/workers.py)
         config_path = args.config or os.environ.get("HESTIA_CONFIG")
-        controller = Controller(gateway, workers, host, port, config_path, log_format, log_level)
+        try:
+            controller = Controller(
+                gateway, workers, host, port, config_path, log_format, log_level
+            )
+        except OSError as exc:
+            message = f"cannot listen on {host}:{port} for the workers: {exc.strerror}"
+            logger.error("{}", message)
+            print(f"hestia: {message}", file=sys.stderr)
+            return 2
     server = build_server(
         gateway if controller is None else controller.wrap(gateway),
         host,

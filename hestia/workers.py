@@ -63,6 +63,7 @@ POLL_S = 0.05  # how often the controller compares the table with the last one s
 REPORT_S = 0.1  # how often a worker reports, when something changed
 BARRIER_TIMEOUT_S = 2.0  # a worker that does not acknowledge a table within this is killed
 RESPAWN_DELAY_S = 0.2
+RESPAWN_MAX_S = 10.0
 PIPE_BUF = 4096  # writes up to this size to a pipe are never interleaved with other writers
 
 HANDOFF_TOKEN = b"x-hestia-handoff"
@@ -93,13 +94,18 @@ def worker_count(setting: int | str) -> int:
     return max(1, int(setting))
 
 
-def reuseport_socket(host: str, port: int) -> socket.socket:
+def reuseport_socket(host: str, port: int, listen: bool = True) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((host, port))
-    sock.listen(2048)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    if listen:
+        sock.listen(2048)
     sock.set_inheritable(False)
     return sock
 
@@ -166,6 +172,9 @@ class Controller:
         self.host = host
         self.port = port
         self.token = secrets.token_hex(16).encode()
+        # bound, never listening: the port is ours (a program holding it without SO_REUSEPORT
+        # fails start-up here, not in a loop of workers that cannot bind)
+        self.port_holder = reuseport_socket(host, port, listen=False)
         self.handoff_socket = socket.create_server(("127.0.0.1", 0), backlog=2048)
         self.handoff_port: int = self.handoff_socket.getsockname()[1]
         self._dir = tempfile.mkdtemp(prefix="hestia-ctl-")
@@ -183,6 +192,7 @@ class Controller:
         self._server: asyncio.AbstractServer | None = None
         self._stopping = False
         self.restarts = 0
+        self._delays: dict[int, float] = {}  # worker index -> wait before its next restart
 
     # -------------------------------------------------------------- the ASGI entry
     def wrap(self, app: ASGIApp) -> ASGIApp:
@@ -273,19 +283,26 @@ class Controller:
         self._tasks.append(asyncio.create_task(self._watch(index, proc), name=f"worker-{index}"))
 
     async def _watch(self, index: int, proc: asyncio.subprocess.Process) -> None:
+        born = time.monotonic()
         code = await proc.wait()
         if self._stopping or self._procs.get(index) is not proc:
             return
+        # one that dies young is started again later each time (0.2 s doubling to 10 s)
+        delay = RESPAWN_DELAY_S
+        if time.monotonic() - born < RESPAWN_MAX_S:
+            delay = min(self._delays.get(index, RESPAWN_DELAY_S / 2) * 2, RESPAWN_MAX_S)
+        self._delays[index] = delay
         logger.warning(
             "data-plane worker {} (pid {}) exited with {}: its requests in flight are "
-            "released and it is started again",
+            "released and it is started again in {:g}s",
             index,
             proc.pid,
             code,
+            delay,
         )
         self._drop(index)
         self.restarts += 1
-        await asyncio.sleep(RESPAWN_DELAY_S)
+        await asyncio.sleep(delay)
         if not self._stopping:
             await self._spawn(index)
 
@@ -325,6 +342,7 @@ class Controller:
                 with contextlib.suppress(ProcessLookupError):
                     proc.kill()
                 await proc.wait()
+        self.port_holder.close()
         if self._server is not None:
             self._server.close()
         for link in self._links.values():

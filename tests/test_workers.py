@@ -446,3 +446,28 @@ async def test_bodies_streams_and_headers_are_the_same_both_ways(
             if line == "data: tick":
                 break
     await asyncio.wait_for(app.disconnected.wait(), 10)  # the upstream saw the client go
+
+
+def test_a_port_held_by_another_program_stops_start_up(tmp_path: Path) -> None:
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:  # no SO_REUSEPORT
+        port = taken.getsockname()[1]
+        cfg = tmp_path / "hestia_config.yml"
+        cfg.write_text(
+            json.dumps(
+                {
+                    "server": {"host": "127.0.0.1", "port": port, "workers": 2},
+                    "docker": {"enabled": False},
+                    "database": {"url": f"sqlite:///{tmp_path}/h.db"},
+                }
+            )
+        )
+        done = subprocess.run(
+            [sys.executable, "-m", "hestia", "serve", "--config", str(cfg)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert done.returncode == 2
+    assert f"cannot listen on 127.0.0.1:{port} for the workers" in done.stderr
