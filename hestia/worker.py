@@ -62,6 +62,7 @@ class _RemoteService:
     async def acquire(self) -> Upstream:
         busy = self._worker.busy
         busy[self.name] = busy.get(self.name, 0) + 1
+        self._worker.dirty = True  # reported within REPORT_S: a long request shows as busy
         return self.upstream
 
     def release(self, touch: bool = True) -> None:
