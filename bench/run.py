@@ -1,16 +1,19 @@
 #!/usr/bin/env python3
 """Hestia benchmarks: proxy overhead, streaming, cold start, bursts and footprint, side by side
-with a direct connection and with nginx as a reverse proxy, in the same run.
+with a direct connection and with nginx, Caddy and Go's httputil as reverse proxies, in the
+same run.
 
     python bench/run.py            # full run (~5 min), writes docs/benchmarks.md
     python bench/run.py --quick    # one short round of everything (~1-2 min), prints only
 
-Installs what it lacks (apt-get: wrk, nginx-light, busybox-static; pip: the project), starts its
-own nginx (temp prefix and config, 127.0.0.1 only), its own upstreams (bench/upstreams.py) and
-Hestia as subprocesses (`python -m hestia serve --config <tmp> --port <p>`), builds a busybox
-image locally for the Docker parts, and removes every container and image it created (label
-hestia.bench=1) at the end, also on failure. Every figure is the median of the rounds; ratios
-are taken between targets measured in the same round, interleaved, then their median.
+Installs what it lacks (apt-get: wrk, nginx-light, busybox-static, caddy, golang-go; pip: the
+project), starts its own nginx (temp prefix and config, 127.0.0.1 only), Caddy and a Go stdlib
+reverse proxy (bench/goproxy, built with `go build`) as peers, its own upstreams
+(bench/upstreams.py) and Hestia as subprocesses (`python -m hestia serve --config <tmp>
+--port <p>`), builds a busybox image locally for the Docker parts, and removes every
+container and image it created (label hestia.bench=1) at the end, also on failure. Every
+figure is the median of the rounds; ratios are taken between targets measured in the same
+round, interleaved, then their median.
 """
 
 from __future__ import annotations
@@ -91,6 +94,10 @@ def ensure_tools() -> None:
         need.append("nginx-light")
     if not (shutil.which("busybox") or Path("/bin/busybox").exists()):
         need.append("busybox-static")
+    if not shutil.which("caddy"):
+        need.append("caddy")
+    if not shutil.which("go"):
+        need.append("golang-go")
     if need:
         log(f"apt-get install -y {' '.join(need)}")
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
@@ -131,6 +138,13 @@ def machine() -> dict[str, str]:
                 mem = f"{int(line.split()[1]) / 1024 / 1024:.1f} GiB"
     nginx_v = subprocess.run([nginx_bin(), "-v"], capture_output=True, text=True).stderr.strip()
     wrk_v = subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout.split("\n")[0]
+    caddy_v = go_v = "not installed"
+    with contextlib.suppress(OSError):
+        caddy_v = subprocess.run(["caddy", "version"], capture_output=True, text=True).stdout
+        caddy_v = caddy_v.split()[0] if caddy_v.split() else "unknown"
+    with contextlib.suppress(OSError):
+        go_v = subprocess.run(["go", "version"], capture_output=True, text=True).stdout
+        go_v = go_v.split()[2] if len(go_v.split()) > 2 else "unknown"
     docker_v = "unknown"
     with contextlib.suppress(Exception):
         docker_v = subprocess.run(
@@ -150,6 +164,8 @@ def machine() -> dict[str, str]:
         "httptools": version_of("httptools"),
         "nginx": nginx_v.replace("nginx version: ", ""),
         "wrk": wrk_v.split(" [")[0],
+        "caddy": caddy_v,
+        "go": go_v,
         "docker": docker_v,
     }
 
@@ -248,6 +264,61 @@ def start_nginx(procs: Procs, tmp: Path) -> tuple[int, int]:
     return origin, proxy
 
 
+CADDYFILE = """
+{{
+    admin off
+    auto_https off
+}}
+http://127.0.0.1:{port} {{
+    reverse_proxy 127.0.0.1:{origin}
+}}
+"""
+
+
+def start_caddy(procs: Procs, tmp: Path, origin: int) -> int:
+    """Caddy's reverse_proxy to the origin, as configured in a two-line Caddyfile (no access
+    log: Caddy logs none unless told to)."""
+    prefix = tmp / "caddy"
+    prefix.mkdir()
+    port = free_port()
+    (prefix / "Caddyfile").write_text(CADDYFILE.format(port=port, origin=origin))
+    env = {**os.environ, "XDG_DATA_HOME": str(prefix), "XDG_CONFIG_HOME": str(prefix)}
+    cmd = ["caddy", "run", "--config", str(prefix / "Caddyfile"), "--adapter", "caddyfile"]
+    proc = procs.start(cmd, env=env, stdout=subprocess.DEVNULL, stderr=open(prefix / "log", "wb"))
+    wait_port(port, proc=proc)
+    return port
+
+
+def start_goproxy(procs: Procs, tmp: Path, origin: int) -> int:
+    """bench/goproxy/main.go (httputil.ReverseProxy), built here with the local Go toolchain
+    (standard library only: nothing is downloaded)."""
+    prefix = tmp / "goproxy"
+    prefix.mkdir()
+    env = {
+        **os.environ,
+        "GOCACHE": str(prefix / "cache"),
+        "GOPATH": str(prefix / "gopath"),
+        "GOTOOLCHAIN": "local",
+        "GOFLAGS": "",
+        "CGO_ENABLED": "0",
+    }
+    binary = prefix / "goproxy"
+    subprocess.run(
+        ["go", "build", "-o", str(binary), str(BENCH / "goproxy" / "main.go")],
+        check=True,
+        env=env,
+        capture_output=True,
+    )
+    port = free_port()
+    proc = procs.start(
+        [str(binary), f"127.0.0.1:{port}", f"http://127.0.0.1:{origin}"],
+        stdout=subprocess.DEVNULL,
+        stderr=open(prefix / "log", "wb"),
+    )
+    wait_port(port, proc=proc)
+    return port
+
+
 def start_upstreams(procs: Procs, tmp: Path) -> int:
     port = free_port()
     proc = procs.start(
@@ -267,9 +338,9 @@ class Hestia:
         self.name = name
         self.port = free_port()
         config = {
-            "server": {"host": "127.0.0.1", "port": self.port},
             "database": {"url": f"sqlite:///{tmp}/{name}.db"},
             **config,
+            "server": {"host": "127.0.0.1", "port": self.port, **config.get("server", {})},
         }
         cfg_path = tmp / f"{name}.yml"
         cfg_path.write_text(json.dumps(config, indent=2))  # JSON is YAML
@@ -299,6 +370,16 @@ class Hestia:
     @property
     def pid(self) -> int:
         return self.proc.pid
+
+    def pids(self) -> list[int]:
+        """The process and its children (data-plane workers)."""
+        found = [self.proc.pid]
+        for pid in found:
+            with contextlib.suppress(OSError):
+                found += [
+                    int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+                ]
+        return found
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"
@@ -374,7 +455,25 @@ def wrk(url: str, conns: int, secs: float) -> dict[str, float]:
     m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
     if m:
         errors += sum(int(x) for x in m.groups())
-    return {"rps": rps, "p50_ms": lat["50"], "p99_ms": lat["99"], "errors": errors}
+    m = re.search(r"(\d+) requests in", out)
+    requests = float(m.group(1)) if m else float("nan")
+    return {
+        "rps": rps,
+        "p50_ms": lat["50"],
+        "p99_ms": lat["99"],
+        "errors": errors,
+        "requests": requests,
+    }
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time of these processes so far."""
+    ticks = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def _read_head(sock: socket.socket) -> tuple[int, dict[bytes, bytes], bytes]:
@@ -703,6 +802,13 @@ class Bench:
         self.hestia_nolog = Hestia(
             self.procs, self.tmp, "hestia-nolog", {**base, "logging": {"access": False}}
         )
+        # the same, with two data-plane workers (server.workers, hestia/workers.py)
+        self.hestia_w2 = Hestia(
+            self.procs,
+            self.tmp,
+            "hestia-w2",
+            {**base, "logging": {"access": True}, "server": {"workers": 2}},
+        )
         self.baseline: dict[str, Hestia] = {}
         if self.args.baseline:
             root = self._baseline_tree(self.args.baseline)
@@ -756,11 +862,22 @@ class Bench:
         return root
 
     def small(self) -> None:
+        caddy = start_caddy(self.procs, self.tmp, self.origin)
+        goproxy = start_goproxy(self.procs, self.tmp, self.origin)
         targets = {
             "direct": f"http://127.0.0.1:{self.origin}/1k.bin",
             "nginx": f"http://127.0.0.1:{self.nginx_proxy}/1k.bin",
+            "caddy": f"http://127.0.0.1:{caddy}/1k.bin",
+            "goproxy": f"http://127.0.0.1:{goproxy}/1k.bin",
             "hestia": self.hestia.url("/services/nginx/1k.bin"),
             "hestia_nolog": self.hestia_nolog.url("/services/nginx/1k.bin"),
+            "hestia_w2": self.hestia_w2.url("/services/nginx/1k.bin"),
+        }
+        gateways = {
+            "hestia": self.hestia,
+            "hestia_nolog": self.hestia_nolog,
+            "hestia_w2": self.hestia_w2,
+            **self.baseline,
         }
         for key, h in self.baseline.items():
             targets[key] = h.url("/services/nginx/1k.bin")
@@ -772,11 +889,14 @@ class Bench:
         for r in range(self.rounds):
             for conns in (1, 50):
                 for name, url in targets.items():
-                    if name.startswith("hestia"):
-                        h = self.hestia if name == "hestia" else self.hestia_nolog
+                    if name in gateways:
+                        h = gateways[name]
+                        pids = h.pids()
+                        cpu0 = cpu_seconds(pids)
                         with RssSampler(h.pid, 0.05) as rss:
                             res = wrk(url, conns, self.secs)
-                        if conns == 50:
+                        res["cpu_us"] = (cpu_seconds(pids) - cpu0) / res["requests"] * 1e6
+                        if conns == 50 and name in load_peak:
                             load_peak[name] = max(load_peak[name], rss.peak)
                     else:
                         res = wrk(url, conns, self.secs)
@@ -784,6 +904,7 @@ class Bench:
                     log(
                         f"  round {r + 1} {name:13s} c={conns:<3d} {res['rps']:9.0f} req/s  "
                         f"p50 {res['p50_ms']:.3f} ms  p99 {res['p99_ms']:.3f} ms"
+                        + (f"  CPU {res['cpu_us']:.0f} µs/req" if "cpu_us" in res else "")
                         + (f"  ERRORS {res['errors']:.0f}" if res["errors"] else "")
                     )
         out: dict[str, Any] = {}
@@ -793,7 +914,12 @@ class Bench:
                 | {"errors": sum(x["errors"] for x in lst)}
                 for c, lst in by_conns.items()
             }
-        for name in ("hestia", "hestia_nolog", *self.baseline):
+        for name in gateways:
+            for c, lst in runs[name].items():
+                out[name][str(c)]["cpu_us"] = median([x["cpu_us"] for x in lst])
+        for name in targets:
+            if name in ("direct", "nginx"):
+                continue
             out[name]["ratio_vs_nginx_50"] = median(
                 [
                     h["rps"] / n["rps"]
@@ -811,6 +937,18 @@ class Bench:
             [
                 n["p50_ms"] - d["p50_ms"]
                 for n, d in zip(runs["nginx"][1], runs["direct"][1], strict=True)
+            ]
+        )
+        out["workers2_vs_1_50"] = median(
+            [
+                w["rps"] / one["rps"]
+                for w, one in zip(runs["hestia_w2"][50], runs["hestia"][50], strict=True)
+            ]
+        )
+        out["log_on_vs_off_50"] = median(
+            [
+                on["rps"] / off["rps"]
+                for on, off in zip(runs["hestia"][50], runs["hestia_nolog"][50], strict=True)
             ]
         )
         self.results["small"] = out
@@ -1026,19 +1164,23 @@ def report(res: dict[str, Any]) -> tuple[str, list[str]]:
         add("")
         add(
             "| target | conns | req/s | p50 ms | p99 ms | vs nginx proxy (req/s) "
-            "| added p50 vs direct |"
+            "| added p50 vs direct | CPU µs/req |"
         )
-        add("|---|---:|---:|---:|---:|---:|---:|")
+        add("|---|---:|---:|---:|---:|---:|---:|---:|")
         names = {
             "direct": "direct to nginx",
             "nginx": "nginx as proxy (keep-alive upstream)",
+            "caddy": "Caddy reverse_proxy",
+            "goproxy": "Go stdlib httputil.ReverseProxy",
             "hestia": "Hestia, access log on (to a file)",
             "hestia_nolog": "Hestia, access log off",
+            "hestia_w2": "Hestia, access log on, `server.workers: 2`",
         }
         if "base" in small:
             ref = res.get("baseline", "baseline")
             names["base"] = f"Hestia at `{ref}`, access log on"
             names["base_nolog"] = f"Hestia at `{ref}`, access log off"
+        names = {k: v for k, v in names.items() if k in small}  # older results lack peers
         for conns in ("1", "50"):
             for key, label in names.items():
                 s = small[key][conns]
@@ -1048,10 +1190,11 @@ def report(res: dict[str, Any]) -> tuple[str, list[str]]:
                     ratio = f"{small[key]['ratio_vs_nginx_50']:.2f}"
                 if conns == "1" and key != "direct":
                     added = f"{small[key]['added_p50_ms_1'] * 1000:+.0f} µs"
+                cpu = f"{s['cpu_us']:.0f}" if "cpu_us" in s else ""
                 err = f" ({s['errors']} errors)" if s["errors"] else ""
                 add(
                     f"| {label}{err} | {conns} | {_f(s['rps'])} | {s['p50_ms']:.3f} | "
-                    f"{s['p99_ms']:.3f} | {ratio} | {added} |"
+                    f"{s['p99_ms']:.3f} | {ratio} | {added} | {cpu} |"
                 )
         add("")
         for key, label in (("hestia", "access log on"), ("hestia_nolog", "access log off")):
@@ -1067,6 +1210,39 @@ def report(res: dict[str, Any]) -> tuple[str, list[str]]:
             a = small[key]["added_p50_ms_1"]
             verdicts.append(
                 (f"added p50 at 1 conn ({label})", "≤ 0.30 ms", f"{a:.3f} ms", a <= 0.3)
+            )
+        if "workers2_vs_1_50" in small:
+            add(
+                f"Two data-plane workers against one process (access log on, 50 connections, "
+                f"same rounds): {small['workers2_vs_1_50']:.2f}x the req/s."
+            )
+            add("")
+        if "log_on_vs_off_50" in small:
+            r = small["log_on_vs_off_50"]
+            verdicts.append(
+                ("access log on vs off, req/s at 50 conns", "≥ 0.90", f"{r:.2f}", r >= 0.9)
+            )
+        for peer, label in (("caddy", "Caddy"), ("goproxy", "Go stdlib proxy")):
+            if peer not in small:
+                continue
+            ours, theirs = small["hestia"]["ratio_vs_nginx_50"], small[peer]["ratio_vs_nginx_50"]
+            verdicts.append(
+                (
+                    f"Hestia (default config) ahead of {label} at 50 conns",
+                    f"> {theirs:.2f} of nginx",
+                    f"{ours:.2f}",
+                    ours > theirs,
+                )
+            )
+        if "goproxy" in small:
+            ours, theirs = small["hestia"]["added_p50_ms_1"], small["goproxy"]["added_p50_ms_1"]
+            verdicts.append(
+                (
+                    "added p50 at 1 conn no worse than the Go stdlib proxy",
+                    f"≤ {theirs * 1000:.0f} µs",
+                    f"{ours * 1000:.0f} µs",
+                    ours <= theirs,
+                )
             )
     st = res.get("stream")
     if st:
@@ -1242,9 +1418,10 @@ def document(body: str, mach: dict[str, str], cmd: str) -> str:
     head = [
         "# Benchmarks",
         "",
-        "Hestia side by side with a direct connection and with nginx as a reverse proxy, "
-        "measured in the same run by one command (it installs wrk, nginx-light and "
-        "busybox-static with apt-get when they are missing):",
+        "Hestia side by side with a direct connection and with nginx, Caddy and Go's "
+        "standard library as reverse proxies, measured in the same run by one command (it "
+        "installs wrk, nginx-light, busybox-static, caddy and golang-go with apt-get when "
+        "they are missing):",
         "",
         "```bash",
         cmd,
@@ -1258,9 +1435,11 @@ def document(body: str, mach: dict[str, str], cmd: str) -> str:
         f"- {m['nproc']} CPUs: {m['cpu']}; memory {m['memory']}; {m['kernel']}",
         f"- Python {m['python']}, uvicorn {m['uvicorn']}, uvloop {m['uvloop']}, "
         f"httptools {m['httptools']}",
-        f"- nginx {m['nginx']}, {m['wrk']}, Docker engine {m['docker']}",
+        f"- nginx {m['nginx']}, Caddy {m.get('caddy', 'n/a')}, Go {m.get('go', 'n/a')}, "
+        f"{m['wrk']}, Docker engine {m['docker']}",
         "- the load generator (wrk, 1 thread at 1 connection, 2 at 50), nginx (one worker per "
-        "CPU), Hestia (one process) and the upstreams all share these CPUs; other work may run "
+        "CPU), Caddy and the Go proxy (GOMAXPROCS = CPUs), Hestia and the upstreams all "
+        "share these CPUs; other work may run "
         "on the machine too, so single figures move between runs by about ±10 %",
         "",
         "## Results",

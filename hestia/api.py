@@ -69,6 +69,7 @@ class ServiceStatus(BaseModel):
     startup_timeout_s: float
     stop_timeout_s: float
     in_flight: int
+    workers_in_flight: int = 0  # requests in flight in data-plane workers (server.workers)
     waiting: int
     peak_waiting: int
     queued: int

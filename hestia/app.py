@@ -78,7 +78,13 @@ class Gateway:
         )
         self.metrics.bind_live(
             lambda: {
-                n: (s.in_flight, s.waiting, s.peak_waiting, s.state.value, s.refused)
+                n: (
+                    s.in_flight + s.workers_in_flight,
+                    s.waiting,
+                    s.peak_waiting,
+                    s.state.value,
+                    s.refused,
+                )
                 for n, s in self.registry.services.items()
             }
         )

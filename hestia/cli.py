@@ -40,18 +40,35 @@ def _serve(args: argparse.Namespace) -> int:
         logger.error("{}", exc.message)
         print(f"hestia: {exc.message}", file=sys.stderr)
         return 2
+    from hestia.workers import PIPE_BUF, Controller, worker_count
+
+    workers = worker_count(config.server.workers)
     access_writer = None
     if log_format == "json" and log_level.upper() in ("TRACE", "DEBUG", "INFO"):
         # the same JSON lines as the loguru sink, at half the cost per request
-        access_writer = gateway.proxy.access_writer = JsonAccessLog()
+        access_writer = gateway.proxy.access_writer = JsonAccessLog(
+            max_write=PIPE_BUF if workers > 1 else 0
+        )
     host = args.host or config.server.host
     port = args.port or config.server.port
+    controller = None
+    if workers > 1:  # this process is the controller, on a private port (hestia/workers.py)
+        config_path = args.config or os.environ.get("HESTIA_CONFIG")
+        try:
+            controller = Controller(
+                gateway, workers, host, port, config_path, log_format, log_level
+            )
+        except OSError as exc:
+            message = f"cannot listen on {host}:{port} for the workers: {exc.strerror}"
+            logger.error("{}", message)
+            print(f"hestia: {message}", file=sys.stderr)
+            return 2
     server = build_server(
-        gateway,
+        gateway if controller is None else controller.wrap(gateway),
         host,
         port,
         shutdown_grace=config.server.shutdown_grace,
-        on_exit=gateway.begin_shutdown,
+        on_exit=gateway.begin_shutdown if controller is None else controller.begin_shutdown,
         limits=config.server.limits,
         timeouts=config.server.timeouts,
     )
@@ -74,7 +91,7 @@ def _serve(args: argparse.Namespace) -> int:
     gc.freeze()  # everything built so far is permanent: later collections skip it
     logger.info("Hestia {} listening on http://{}:{}", __version__, host, port)
     try:
-        server.run()
+        server.run(sockets=None if controller is None else [controller.handoff_socket])
     finally:
         if access_writer is not None:
             access_writer.flush()

@@ -758,6 +758,10 @@ class ServerTimeouts(_Strict):
 class ServerConfig(_Strict):
     host: str = "0.0.0.0"
     port: int = Field(default=8080, ge=1, le=65535)
+    # Data-plane worker processes (hestia/workers.py): 1 is one process, as always; N > 1 or
+    # `auto` (one per CPU, at most 8) runs N workers on the port and this process as their
+    # controller.
+    workers: Literal["auto"] | Annotated[int, Field(ge=1, le=64)] = 1
     shutdown_grace: Duration = 30.0
     limits: ServerLimits = ServerLimits()
     timeouts: ServerTimeouts = ServerTimeouts()

@@ -21,7 +21,7 @@ import asyncio
 import contextlib
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, tzinfo
 from enum import StrEnum
 from typing import Any, cast
@@ -154,6 +154,12 @@ class Service:
                 self.upstream = self.last_upstream
         self.in_flight = 0
         self.waiting = 0
+        # with data-plane workers (hestia.workers): their requests in flight, the controller's
+        # "publish and wait until every worker has it" before a stop, and whether an idle
+        # check holds the service back from the workers' fast path
+        self.workers_in_flight = 0
+        self.workers_barrier: Callable[[], Awaitable[None]] | None = None
+        self.workers_holding = False
         self._limiter = Limiter(config.max_concurrency)
         self.timeouts = _upstream_timeouts(config)
         self.peak_waiting = 0
@@ -621,15 +627,17 @@ class Service:
 
     async def _run_stop(self, cause: str, drain: bool) -> None:
         assert self.backend is not None
+        if self.workers_barrier is not None:
+            await self.workers_barrier()  # every worker routes this service here from now on
         if self._start_task is not None and not self._start_task.done():
             self._start_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._start_task
         self._cancel_idle()
-        if drain and self.in_flight:
+        if drain and (self.in_flight or self.workers_in_flight):
             deadline = time.monotonic() + DRAIN_TIMEOUT_S
             # polled, so release() on the hot path stays two counters
-            while self.in_flight and time.monotonic() < deadline:  # noqa: ASYNC110
+            while (self.in_flight or self.workers_in_flight) and time.monotonic() < deadline:  # noqa: ASYNC110
                 await asyncio.sleep(0.05)
         ref = self.instance_id or self.config.instance
         if ref is None:
@@ -685,7 +693,7 @@ class Service:
         if self.state is not State.READY:
             return
         timeout = self.idle_timeout
-        if self.in_flight or self.waiting or self.queued:
+        if self.in_flight or self.workers_in_flight or self.waiting or self.queued:
             self._schedule_idle(timeout)
             return
         remaining = self._idle_remaining()
@@ -698,6 +706,31 @@ class Service:
             self.coordinator is not None and self.coordinator.needed(self)
         ):
             self._schedule_idle(min(max(timeout, 1.0), _WARM_RECHECK_S))
+            return
+        if self.workers_barrier is not None:
+            asyncio.get_running_loop().create_task(self._idle_stop_past_workers(timeout))
+            return
+        logger.info(
+            "service {} idle for {:g}s with nothing in flight: stopping it", self.name, timeout
+        )
+        self.request_stop("idle")
+
+    async def _idle_stop_past_workers(self, timeout: float) -> None:
+        """An idle stop with data-plane workers: take the service off their fast path, wait
+        until every worker has that table (their acknowledgements carry what they still have
+        in flight and touched), and stop only if it is still idle; else hand it back."""
+        assert self.workers_barrier is not None
+        self.workers_holding = True
+        try:
+            await self.workers_barrier()
+        finally:
+            self.workers_holding = False
+        if self.state is not State.READY:
+            return
+        busy = self.in_flight or self.workers_in_flight or self.waiting or self.queued
+        remaining = self._idle_remaining()
+        if busy or remaining > 0.001:
+            self._schedule_idle(timeout if busy else remaining)
             return
         logger.info(
             "service {} idle for {:g}s with nothing in flight: stopping it", self.name, timeout
@@ -985,6 +1018,7 @@ class Service:
             "startup_timeout_s": self.config.startup_timeout,
             "stop_timeout_s": self.config.stop_timeout,
             "in_flight": self.in_flight,
+            "workers_in_flight": self.workers_in_flight,
             "waiting": self.waiting,
             "peak_waiting": self.peak_waiting,
             "queued": self.queued,

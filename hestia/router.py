@@ -96,6 +96,10 @@ class Router:
         self._seen = {}
 
     @property
+    def keep_prefix(self) -> frozenset[str]:
+        return self._keep_prefix
+
+    @property
     def hosts(self) -> dict[str, str]:
         return {h.decode("latin-1"): name for h, name in self._hosts.items()}
 
