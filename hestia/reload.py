@@ -18,6 +18,7 @@ import asyncio
 import hashlib
 import time
 from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,6 +87,9 @@ class ConfigReloader:
         self._on_outcome = on_outcome
         self.config = config
         self._apply = apply
+        # set by the data-plane workers' controller: held around applying a valid version, so
+        # that every worker hands all requests to this process before anything changes
+        self.hold: Callable[[], AbstractAsyncContextManager[None]] | None = None
         self.hash: str | None = None
         self.loaded_at = time.time()
         self.error: dict[str, Any] | None = None
@@ -142,7 +146,11 @@ class ConfigReloader:
             )
         try:
             new = await asyncio.to_thread(parse_config_text, text, str(self.path))
-            changes = self._apply(new)
+            if self.hold is None:
+                changes = self._apply(new)
+            else:  # data-plane workers route nothing on their own until it is applied
+                async with self.hold():
+                    changes = self._apply(new)
         except ConfigError as exc:
             return self._invalid(cause, digest, exc)
         self.config = new

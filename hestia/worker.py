@@ -259,6 +259,7 @@ class Worker:
                 name: _RemoteService(self, name, entry) for name, entry in table["services"].items()
             }
             self.router.configure(table["hosts"], table["keep"])
+            self.handoff_all = table["handoff_all"]  # auth, as the running config has it
             self.generation = table["gen"]
             self._report()
         logger.error("the controller closed the control channel: this worker stops")

@@ -41,7 +41,7 @@ import socket
 import sys
 import tempfile
 import time
-from collections.abc import MutableMapping
+from collections.abc import AsyncIterator, MutableMapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -188,6 +188,8 @@ class Controller:
         self._stopping = False
         self.restarts = 0
         self._delays: dict[int, float] = {}  # worker index -> wait before its next restart
+        self._holding_all = False  # a config version is being applied: workers hand off all
+        gateway.reloader.hold = self.hold_all
 
     # -------------------------------------------------------------- the ASGI entry
     def wrap(self, app: ASGIApp) -> ASGIApp:
@@ -401,15 +403,23 @@ class Controller:
             svc.workers_in_flight = totals.get(name, 0)
 
     def table(self) -> dict[str, Any]:
+        # auth on (also when a reload turns it on): the controller checks every request
+        auth = self.gateway.auth.enabled
+        hold_all = self._holding_all or auth
         services = {}
         for name, svc in list(self.gateway.registry.services.items()):
             if svc.workers_barrier is None:
                 svc.workers_barrier = self.barrier
-            entry = _entry(svc)
+            entry = None if hold_all else _entry(svc)
             if entry is not None:
                 services[name] = entry
         router = self.gateway.router
-        return {"services": services, "hosts": router.hosts, "keep": sorted(router.keep_prefix)}
+        return {
+            "services": services,
+            "hosts": router.hosts,
+            "keep": sorted(router.keep_prefix),
+            "handoff_all": auth,
+        }
 
     def _publish(self, force: bool = False) -> None:
         table = self.table()
@@ -428,6 +438,20 @@ class Controller:
     async def _poll(self) -> None:
         while True:
             await asyncio.sleep(POLL_S)
+            self._publish()
+
+    @contextlib.asynccontextmanager
+    async def hold_all(self) -> AsyncIterator[None]:
+        """While a config version is applied: every worker hands every request to the
+        controller, acknowledged before the change starts, so none routes by the old version
+        (a removed service, an old URL, no max_concurrency line) once the controller has the
+        new one. Reloads are rare; the hold lasts a table round trip."""
+        self._holding_all = True
+        try:
+            await self.barrier()
+            yield
+        finally:
+            self._holding_all = False
             self._publish()
 
     async def barrier(self) -> None:

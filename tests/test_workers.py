@@ -209,6 +209,69 @@ async def test_workers_serve_alone_and_every_request_is_counted_once(
     assert all(line["client"] == "127.0.0.1" for line in access)
 
 
+async def test_a_reload_reaches_every_worker_before_it_applies(
+    tmp_path: Path, gateways: list[Gateway], client: httpx.AsyncClient
+) -> None:
+    """A new version takes `ok` off the workers' fast path (a max_concurrency line is the
+    controller's): once the reload has answered, no worker answers for `ok` on its own."""
+    listener, stop = _upstream()
+    try:
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        gw = Gateway(tmp_path, {"ok": {"url": url}}, reload={"watch": False})
+        gateways.append(gw)
+        await gw.ready(client)
+        await served_by_a_worker(client, gw, "/services/ok/x")
+        path = tmp_path / "hestia_config.yml"
+        config = json.loads(path.read_text())
+        config["services"]["ok"]["max_concurrency"] = 1
+        path.write_text(json.dumps(config))
+        reloaded = await client.post(f"{gw.url}/v1/config/reload")
+        assert reloaded.status_code == 200, reloaded.text
+        os.kill(gw.proc.pid, signal.SIGSTOP)  # the controller paused right after its answer
+        try:
+            with pytest.raises(httpx.HTTPError):  # handed to the paused controller: no answer
+                await client.get(f"{gw.url}/services/ok/x", timeout=0.5)
+        finally:
+            os.kill(gw.proc.pid, signal.SIGCONT)
+        assert (await client.get(f"{gw.url}/services/ok/x")).status_code == 200
+        assert (await status(client, gw, "ok"))["max_concurrency"] == 1
+    finally:
+        stop.set()
+        listener.close()
+
+
+async def test_auth_turned_on_by_a_reload_covers_the_workers(
+    tmp_path: Path, gateways: list[Gateway], client: httpx.AsyncClient
+) -> None:
+    """Workers read the config file once, at their start; auth turned on by a live edit
+    still covers every request they take, from the moment the reload has answered."""
+    listener, stop = _upstream()
+    try:
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        gw = Gateway(tmp_path, {"ok": {"url": url}}, reload={"watch": False})
+        gateways.append(gw)
+        await gw.ready(client)
+        await served_by_a_worker(client, gw, "/services/ok/x")
+        path = tmp_path / "hestia_config.yml"
+        config = json.loads(path.read_text())
+        key = "k-" + "x" * 40
+        config["auth"] = {
+            "enabled": True,
+            "keys": [{"name": "me", "key": key, "scopes": ["admin"]}],
+        }
+        path.write_text(json.dumps(config))
+        assert (await client.post(f"{gw.url}/v1/config/reload")).status_code == 200
+        answers = await asyncio.gather(
+            *(client.get(f"{gw.url}/services/ok/{i}") for i in range(40))
+        )
+        assert {a.status_code for a in answers} == {401}
+        signed = await client.get(f"{gw.url}/services/ok/x", headers={"X-API-Key": key})
+        assert signed.status_code == 200
+    finally:
+        stop.set()
+        listener.close()
+
+
 async def test_cold_start_through_workers_starts_once(
     tmp_path: Path, gateways: list[Gateway], client: httpx.AsyncClient, tag: str
 ) -> None:
