@@ -30,6 +30,9 @@ from hestia.workers import (
     reuseport_socket,
 )
 
+# how long a starting worker waits for the controller's first table before it serves
+FIRST_TABLE_S = 5.0
+
 
 class _Config:
     __slots__ = ("preserve_host", "strategy")
@@ -106,6 +109,7 @@ class Worker:
         self.handoff_all = False  # auth on: the controller checks every request
         self._writer: asyncio.StreamWriter | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._first_table = asyncio.Event()
 
     def _lookup(self, name: str) -> Any:
         return self.services[name]
@@ -238,6 +242,11 @@ class Worker:
                 self._writer.write(b"\n")
                 self._tasks.append(asyncio.create_task(self._read_tables(reader)))
                 self._tasks.append(asyncio.create_task(self._report_loop()))
+                # serve from the first table on: connections the kernel queued on this socket
+                # meanwhile would all be handed off (bounded: a controller that does not send
+                # one in time gets them handed off, which is slower but right)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._first_table.wait(), FIRST_TABLE_S)
                 await send({"type": "lifespan.startup.complete"})
             elif msg["type"] == "lifespan.shutdown":
                 self._report()  # the last counters
@@ -262,6 +271,7 @@ class Worker:
             self.handoff_all = table["handoff_all"]  # auth, as the running config has it
             self.generation = table["gen"]
             self._report()
+            self._first_table.set()
         logger.error("the controller closed the control channel: this worker stops")
         os.kill(os.getpid(), signal.SIGTERM)
 

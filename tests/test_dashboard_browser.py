@@ -75,14 +75,15 @@ async def test_the_dashboard_starts_a_container_live(
         )
         await page.evaluate("window.sameDocument = true")
         await page.evaluate(f"{row(name)}.querySelector('button[data-action=start]').click()")
-        await page.wait_for(f"{state} === 'starting'", 20, "the row to show starting")
+        # 'starting' may last less than one look on a busy machine: the event list keeps it
         await page.wait_for(f"{state} === 'ready'", 60, "the row to turn ready")
         assert await page.evaluate("window.sameDocument") is True  # no reload
         assert containers.state(c) == "running"
         text = await page.evaluate(f"{row(name)}.innerText")
         assert "127.0.0.1:" in text or "172." in text  # the upstream it found
         await page.wait_for(
-            "document.getElementById('events').innerText.includes('starting → ready')",
+            "['stopped → starting', 'starting → ready'].every("
+            "t => document.getElementById('events').innerText.includes(t))",
             20,
             "the transition in the event list",
         )
