@@ -1012,7 +1012,8 @@ class Service:
             "idle_timeout_s": self.idle_timeout,
             "idle_deadline_in_s": (
                 max(0.0, self._idle_remaining())
-                if self.state is State.READY and self.idle_timeout > 0
+                # a plain URL service is never stopped: no countdown to show
+                if self.state is State.READY and self.idle_timeout > 0 and self.backend is not None
                 else None
             ),
             "startup_timeout_s": self.config.startup_timeout,

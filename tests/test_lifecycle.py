@@ -246,6 +246,7 @@ async def test_plain_url_service_is_always_ready() -> None:
     assert (up.host, up.port, up.base_path) == ("127.0.0.1", 9, b"/x")
     assert svc.request_stop("idle") is None
     assert svc.status()["backend"] == "url"
+    assert svc.status()["idle_deadline_in_s"] is None  # never stopped: no idle countdown
 
 
 async def test_max_concurrency_queues_then_504_when_slots_stay_busy(
