@@ -18,6 +18,7 @@ from loguru import logger
 
 from hestia.address import Upstream
 from hestia.errors import UpstreamUnreachable, send_error
+from hestia.headers import TrustedProxies
 from hestia.router import Route, Router
 from hestia.types import ASGIApp, Receive, Scope, Send
 from hestia.upstream import UpstreamError, UpstreamPool, UpstreamTimeouts
@@ -32,6 +33,13 @@ from hestia.workers import (
 
 # how long a starting worker waits for the controller's first table before it serves
 FIRST_TABLE_S = 5.0
+
+
+class _PassForwarded(TrustedProxies):
+    """A hand-off's trust: the client's X-Forwarded-* are kept as they are."""
+
+    def trusts(self, client_ip: str | None) -> bool:
+        return True
 
 
 class _Config:
@@ -221,7 +229,6 @@ class Worker:
                 watcher.cancel()
 
     async def _handoff_websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
-        from hestia.headers import TrustedProxies
         from hestia.websocket import _relay
 
         scope = dict(scope)
@@ -230,7 +237,10 @@ class Worker:
         ] + self._handoff_headers(scope)
         raw: bytes = scope.get("raw_path") or scope["path"].encode()
         route = Route("", raw, b"", False, True)
-        await _relay(scope, receive, send, route, self.handoff, TrustedProxies(), True)
+        # X-Forwarded-* go on as they came, with no address added: the controller applies
+        # its trust to them, for the client named in the hand-off header
+        scope["client"] = None
+        await _relay(scope, receive, send, route, self.handoff, _PassForwarded(), True)
 
     # -------------------------------------------------------------- control channel
     async def _lifespan(self, receive: Receive, send: Send) -> None:
@@ -324,8 +334,14 @@ def _worker_main(argv: list[str] | None = None) -> int:
     token = os.environ.pop("HESTIA_HANDOFF_TOKEN", "").encode()
     worker = Worker(args.index, args.control, args.handoff_port, token)
     worker.handoff_all = config.auth.enabled
-    if not config.logging.access:
-        worker.proxy = type(worker.proxy)(worker._lookup, worker.pool, worker.metrics, False)
+    # the same proxy as the controller's: access lines as configured, the same trusted proxies
+    worker.proxy = type(worker.proxy)(
+        worker._lookup,
+        worker.pool,
+        worker.metrics,
+        config.logging.access,
+        TrustedProxies(config.server.trusted_proxies),
+    )
     writer = None
     if args.log_format == "json" and args.log_level.upper() in ("TRACE", "DEBUG", "INFO"):
         writer = worker.proxy.access_writer = JsonAccessLog(max_write=PIPE_BUF)

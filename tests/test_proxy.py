@@ -23,6 +23,7 @@ class UpstreamApp:
 
     def __init__(self) -> None:
         self.seen: list[dict[str, Any]] = []
+        self.ws_seen: list[dict[str, str]] = []  # each WebSocket handshake's headers
         self.disconnected = asyncio.Event()
         self.uploaded = 0
         self.acks: asyncio.Queue[int] = asyncio.Queue()
@@ -114,6 +115,7 @@ class UpstreamApp:
         await send({"type": "http.response.start", "status": status, "headers": headers})
 
     async def websocket(self, scope: Any, receive: Any, send: Any) -> None:
+        self.ws_seen.append({k.decode(): v.decode() for k, v in scope["headers"]})
         await receive()  # connect
         protocols = scope.get("subprotocols") or []
         await send({"type": "websocket.accept", "subprotocol": protocols[0] if protocols else None})

@@ -50,8 +50,9 @@ class Gateway:
     def __init__(self, tmp_path: Path, services: dict[str, Any], **extra: Any) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        server = {"host": "127.0.0.1", "port": self.port, "workers": 2, **extra.pop("server", {})}
         config = {
-            "server": {"host": "127.0.0.1", "port": self.port, "workers": 2},
+            "server": server,
             "docker": {"enabled": False},
             "database": {"url": f"sqlite:///{tmp_path}/h.db"},
             "process": {"state_dir": str(tmp_path / "state")},
@@ -430,14 +431,19 @@ async def test_websockets_through_a_worker_and_handed_off(
     up: dict[str, Any] = {"url": f"http://127.0.0.1:{port}"}
     if where == "controller":
         up["max_concurrency"] = 4  # a line to keep: the controller's, never a worker's
-    gw = Gateway(tmp_path, {"up": up})
+    # the client is a trusted reverse proxy: the chain it sends is kept and appended to, once
+    gw = Gateway(tmp_path, {"up": up}, server={"trusted_proxies": ["127.0.0.1/32"]})
     gateways.append(gw)
     await gw.ready(client)
     if where == "worker":
         await served_by_a_worker(client, gw, "/services/up/x")
-    async with ws_connect(f"ws://127.0.0.1:{gw.port}/services/up/ws?x=1") as ws:
+    async with ws_connect(
+        f"ws://127.0.0.1:{gw.port}/services/up/ws?x=1",
+        additional_headers={"X-Forwarded-For": "203.0.113.7"},
+    ) as ws:
         await ws.send("hi")
         assert await ws.recv() == "echo:hi"
+        assert app.ws_seen[-1]["x-forwarded-for"] == "203.0.113.7, 127.0.0.1"
         await ws.send(b"\x01\x02\x03")
         assert await ws.recv() == b"\x03\x02\x01"
         counted = "workers_in_flight" if where == "worker" else "in_flight"
