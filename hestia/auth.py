@@ -718,7 +718,14 @@ async def _read_form(scope: Scope, receive: Receive) -> dict[str, str]:
     return {k: v[0] for k, v in parsed.items()}
 
 
-async def _send(send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+async def _send(
+    send: Send,
+    status: int,
+    body: bytes,
+    headers: list[tuple[bytes, bytes]],
+    *,
+    head_only: bool = False,
+) -> None:
     await send(
         {
             "type": "http.response.start",
@@ -730,7 +737,7 @@ async def _send(send: Send, status: int, body: bytes, headers: list[tuple[bytes,
             ],
         }
     )
-    await send({"type": "http.response.body", "body": body})
+    await send({"type": "http.response.body", "body": b"" if head_only else body})
 
 
 _PAGE_HEADERS = [
@@ -756,19 +763,7 @@ async def _send_html(
     head_only: bool = False,
     extra: list[tuple[bytes, bytes]] | None = None,
 ) -> None:
-    headers = [*_PAGE_HEADERS, *(extra or ())]
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-length", str(len(page)).encode()),
-                (b"cache-control", b"no-store"),
-                *headers,
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": b"" if head_only else page})
+    await _send(send, status, page, [*_PAGE_HEADERS, *(extra or ())], head_only=head_only)
 
 
 _STYLE = """

@@ -16,7 +16,7 @@ import math
 import os
 import re
 import signal
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -144,23 +144,15 @@ def expand_env(value: Any) -> Any:
     if not isinstance(value, str):
         return value
 
-    def substitute(m: re.Match[str]) -> str:
-        escaped, name = m.group(1), m.group(2)
-        if escaped:
-            return "${" + name + "}"
-        if not _ENV_NAME.match(name):
-            raise ValueError(
-                f"${{{name}}} is not an environment variable reference; write ${{NAME}} "
-                "(letters, digits, _), or $${ for a literal ${"
-            )
-        if name not in os.environ:
-            raise ValueError(
-                f"the environment variable {name} (referenced as ${{{name}}}) is not set; "
-                "set it in Hestia's environment, or write the value here"
-            )
-        return os.environ[name]
-
-    return _ENV_REF.sub(substitute, value)
+    return _substitute(
+        value,
+        os.environ,
+        "an environment variable reference",
+        lambda name: (
+            f"the environment variable {name} (referenced as ${{{name}}}) is not set; "
+            "set it in Hestia's environment, or write the value here"
+        ),
+    )
 
 
 def substitute_vars(value: str, variables: Mapping[str, str]) -> str:
@@ -168,20 +160,34 @@ def substitute_vars(value: str, variables: Mapping[str, str]) -> str:
     saying which name is missing. The process backend's expansion of `command`, `env`,
     `cwd` and `log_file`, with PORT, the service's `env` and Hestia's environment."""
 
+    return _substitute(
+        value,
+        variables,
+        "a variable reference",
+        lambda name: (
+            f"${{{name}}} is neither PORT, nor a key of the service's `env`, nor set in "
+            "Hestia's environment; define it in `env` or write the value"
+        ),
+    )
+
+
+def _substitute(
+    value: str, variables: Mapping[str, str], kind: str, missing: Callable[[str], str]
+) -> str:
+    """`${NAME}` -> variables[NAME], `$${` -> a literal `${`; ValueError saying what is wrong
+    (`kind`: what a reference is here; `missing(name)`: the message for an unknown name)."""
+
     def substitute(m: re.Match[str]) -> str:
         escaped, name = m.group(1), m.group(2)
         if escaped:
             return "${" + name + "}"
         if not _ENV_NAME.match(name):
             raise ValueError(
-                f"${{{name}}} is not a variable reference; write ${{NAME}} (letters, digits, "
-                "_), or $${ for a literal ${"
+                f"${{{name}}} is not {kind}; write ${{NAME}} (letters, digits, _), "
+                "or $${ for a literal ${"
             )
         if name not in variables:
-            raise ValueError(
-                f"${{{name}}} is neither PORT, nor a key of the service's `env`, nor set in "
-                "Hestia's environment; define it in `env` or write the value"
-            )
+            raise ValueError(missing(name))
         return variables[name]
 
     return _ENV_REF.sub(substitute, value)
