@@ -24,6 +24,13 @@ API sees it; with `auth.enabled: false` the gateway skips it on one attribute ch
 Repeated wrong keys from one address block it for a while (429 with Retry-After): during the
 block no key from it is even checked (no oracle), only a valid session cookie goes through.
 
+Data-plane workers (`server.workers`, hestia/workers.py) admit service requests themselves
+with `admits_quietly`, from the key set the controller sends them (`worker_state`): it says
+only yes (the same yes `admit` would give, credential stripped the same way); anything else is
+handed to the controller, whose `admit` answers it, logs it and counts the failure, so the
+failure limiter sees every wrong key. An address with failures on record is handed off for
+the limiter's window (`FailureLimiter.suspects`), so a block covers the workers too.
+
 `reconfigure(auth_config)` swaps the whole key set in one assignment (live reload of the
 config). A session cookie names its key and carries a fingerprint of it, so changing or
 removing a key ends its sessions at their next request; scopes are always the current ones.
@@ -156,6 +163,12 @@ class FailureLimiter:
             return True
         return False
 
+    def suspects(self) -> list[str]:
+        """The addresses with failures in the current window or a block (sorted): a worker
+        hands their requests to the controller, which knows their count."""
+        now = self.clock()
+        return sorted(a for a, e in self._seen.items() if now - e[1] <= self.window or e[2] > now)
+
     def _prune(self, now: float) -> None:
         for addr in [a for a, e in self._seen.items() if now - e[1] > self.window and e[2] < now]:
             del self._seen[addr]
@@ -253,18 +266,7 @@ class Authenticator:
                 return False
 
         headers: list[tuple[bytes, bytes]] = scope["headers"]
-        api_key: bytes | None = None
-        bearer: bytes | None = None
-        cookie: bytes | None = None
-        for name, value in headers:
-            if name == b"x-api-key":
-                if api_key is None:
-                    api_key = value.strip()
-            elif name == b"authorization":
-                if st.bearer and bearer is None and value[:7].lower() == b"bearer ":
-                    bearer = value[7:].strip()
-            elif name == b"cookie" and _COOKIE_B in value:
-                cookie = _cookie_value(value) or cookie
+        api_key, bearer, cookie = _credentials(st, headers)
 
         client = self._client(scope)
         session = self._verify_session(st, cookie) if cookie is not None else None
@@ -351,6 +353,79 @@ class Authenticator:
                 )
                 return False
 
+        if api_key is not None or strip_bearer or cookie is not None:
+            scope["headers"] = _strip(headers, bearer if strip_bearer else None, cookie is not None)
+        scope["hestia.key"] = key
+        scope["hestia.via"] = via
+        return True
+
+    # ---------------------------------------------------------------- data-plane workers
+    def worker_state(self) -> dict[str, Any] | None:
+        """The key set as a data-plane worker needs it to admit service requests (sent over
+        the controller's private Unix socket): None when auth is off."""
+        st = self._state
+        if not st.enabled:
+            return None
+        return {
+            "keys": [[k.name, k.digest.hex(), list(k.scopes)] for k in st.keys],
+            "bearer": st.bearer,
+            "session_key": st.session_key.hex(),
+        }
+
+    def use_worker_state(self, state: dict[str, Any] | None) -> None:
+        """In a worker: the controller's key set (`worker_state`) from now on."""
+        if state is None:
+            self._state = _State(False, (), {}, False, False, self._generated_secret)
+            self.enabled = False
+            return
+        session_key = bytes.fromhex(state["session_key"])
+        keys = tuple(
+            _build_key(name, bytes.fromhex(digest), tuple(scopes), session_key)
+            for name, digest, scopes in state["keys"]
+        )
+        self._state = _State(
+            enabled=True,
+            keys=keys,
+            by_name={k.name: k for k in keys},
+            bearer=bool(state["bearer"]),
+            public_metrics=False,
+            session_key=session_key,
+        )
+        self.enabled = True
+
+    def client_address(self, scope: Scope) -> str:
+        """The address failures are counted for (a trusted proxy's X-Forwarded-For)."""
+        return self._client(scope)
+
+    def admits_quietly(self, scope: Scope, route: Route) -> bool:
+        """For a data-plane worker and a service request: True when `admit` would let it
+        through (the gateway's credential is then stripped, as `admit` does); False for
+        anything else, with nothing answered, logged or counted: the worker hands the request
+        to the controller, whose `admit` does all three. The caller has already handed off
+        an address in `FailureLimiter.suspects`."""
+        st = self._state
+        headers: list[tuple[bytes, bytes]] = scope["headers"]
+        api_key, bearer, cookie = _credentials(st, headers)
+        strip_bearer = False
+        key: Key | None = None
+        via = "key"
+        if api_key is not None:
+            key = self.identify(api_key[:_MAX_KEY_BYTES])
+            if key is not None and bearer is not None:
+                strip_bearer = self.identify(bearer[:_MAX_KEY_BYTES]) is not None
+        elif bearer is not None:
+            key = self.identify(bearer[:_MAX_KEY_BYTES])
+            if key is not None:
+                strip_bearer = True
+            elif cookie is not None:
+                key, via = self._verify_session(st, cookie), "cookie"
+        elif cookie is not None:
+            key, via = self._verify_session(st, cookie), "cookie"
+        if key is None or not key.may_use(route.service):
+            return False
+        if via == "cookie" and scope["type"] == "websocket":
+            if not self._same_origin(scope, headers):
+                return False
         if api_key is not None or strip_bearer or cookie is not None:
             scope["headers"] = _strip(headers, bearer if strip_bearer else None, cookie is not None)
         scope["hestia.key"] = key
@@ -613,6 +688,25 @@ def _with_hint(message: str, scope: Scope, route: Route | None) -> str:
 def _netloc(scheme: str, netloc: str) -> str:
     default = ":443" if scheme in ("https", "wss") else ":80"
     return netloc[: -len(default)] if netloc.endswith(default) else netloc
+
+
+def _credentials(
+    st: _State, headers: list[tuple[bytes, bytes]]
+) -> tuple[bytes | None, bytes | None, bytes | None]:
+    """(X-API-Key, Bearer token when it counts, the session cookie's value) as presented."""
+    api_key: bytes | None = None
+    bearer: bytes | None = None
+    cookie: bytes | None = None
+    for name, value in headers:
+        if name == b"x-api-key":
+            if api_key is None:
+                api_key = value.strip()
+        elif name == b"authorization":
+            if st.bearer and bearer is None and value[:7].lower() == b"bearer ":
+                bearer = value[7:].strip()
+        elif name == b"cookie" and _COOKIE_B in value:
+            cookie = _cookie_value(value) or cookie
+    return api_key, bearer, cookie
 
 
 def _cookie_value(header: bytes) -> bytes | None:

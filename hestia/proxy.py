@@ -37,7 +37,7 @@ from hestia.headers import TrustedProxies, downstream_response_headers, upstream
 from hestia.lifecycle import Service, State
 from hestia.metrics import UNKNOWN_SERVICE, Metrics
 from hestia.router import Route
-from hestia.types import Receive, Scope, Send
+from hestia.types import ASGIApp, Receive, Scope, Send
 from hestia.upstream import (
     UpstreamBadResponse,
     UpstreamError,
@@ -188,6 +188,10 @@ class Proxy:
         self._trusted = trusted_proxies or TrustedProxies()
         # set by `hestia serve` when the logs are JSON lines on stdout (see JsonAccessLog)
         self.access_writer: JsonAccessLog | None = None
+        # set in a data-plane worker (hestia/worker.py): a request whose instance may have
+        # gone under it (the retry case below) is handed to the controller as it came, which
+        # retries after a restart as the single process does, and counts and logs it
+        self.hand_off: ASGIApp | None = None
 
     async def handle(self, scope: Scope, receive: Receive, send: Send, route: Route) -> None:
         if scope["type"] == "websocket":
@@ -231,11 +235,18 @@ class Proxy:
             await self._refuse(scope, send, ex, err, metrics_name, t0, waited, cold)
             return
         held = True
+        handed_off = False
         try:
             while True:
                 outcome = await self._forward(scope, receive, send, service, route, upstream, ex)
                 if outcome is not _RETRY or retried:
                     break
+                if self.hand_off is not None:  # nothing was read or sent yet
+                    service.release(False)
+                    held = False
+                    handed_off = True
+                    await self.hand_off(scope, receive, send)
+                    return
                 # the instance died under us before answering: wait for it like a cold start
                 retried = True
                 service.release()
@@ -252,8 +263,9 @@ class Proxy:
         finally:
             if held:
                 service.release(touch)
-            self._metrics.service(name).record(ex.status, ex.bytes_in, ex.bytes_out)
-            self._finish(scope, name, ex, t0, waited, cold, ex.error)
+            if not handed_off:
+                self._metrics.service(name).record(ex.status, ex.bytes_in, ex.bytes_out)
+                self._finish(scope, name, ex, t0, waited, cold, ex.error)
 
     async def _answered_while_not_ready(
         self, scope: Scope, send: Send, service: Service, ex: _Exchange

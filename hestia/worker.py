@@ -17,6 +17,8 @@ from typing import Any, cast
 from loguru import logger
 
 from hestia.address import Upstream
+from hestia.auth import Authenticator
+from hestia.config import AuthConfig
 from hestia.errors import UpstreamUnreachable, send_error
 from hestia.headers import TrustedProxies
 from hestia.router import Route, Router
@@ -84,7 +86,9 @@ class _RemoteService:
         self._worker.dirty = True
 
     async def instance_gone(self, upstream: Upstream) -> bool:
-        return False
+        # the controller knows (it asks the backend): the proxy hands the request to it
+        # (Proxy.hand_off), which retries after a restart or answers 502 as it would alone
+        return True
 
     def note_refusal(self, code: str) -> None:
         pass
@@ -114,7 +118,13 @@ class Worker:
         self.pool = UpstreamPool()
         self.handoff_pool = UpstreamPool()
         self.proxy = Proxy(self._lookup, self.pool, self.metrics)
-        self.handoff_all = False  # auth on: the controller checks every request
+        self.proxy.hand_off = self._handoff
+        self.handoff_all = False  # everything to the controller (too many suspects)
+        # auth on: the controller's key set; requests it does not plainly admit, and those
+        # from addresses with failed keys on record, are the controller's to answer
+        self.auth: Authenticator | None = None
+        self._authenticator = Authenticator(AuthConfig())
+        self.suspects: frozenset[str] = frozenset()
         self._writer: asyncio.StreamWriter | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._first_table = asyncio.Event()
@@ -130,8 +140,17 @@ class Worker:
         if not self.handoff_all:
             route = self.router.resolve(scope)
             if route is not None and route.service in self.services:
-                await self.proxy.handle(scope, receive, send, route)
-                return
+                auth = self.auth
+                if auth is None:
+                    await self.proxy.handle(scope, receive, send, route)
+                    return
+                headers = scope["headers"]  # as they came: a hand-off carries the key
+                if (
+                    not self.suspects or auth.client_address(scope) not in self.suspects
+                ) and auth.admits_quietly(scope, route):
+                    scope["hestia.headers_in"] = headers
+                    await self.proxy.handle(scope, receive, send, route)
+                    return
         if kind == "websocket":
             await self._handoff_websocket(scope, receive, send)
         else:
@@ -144,9 +163,10 @@ class Worker:
         return [(HANDOFF_TOKEN, self.token), (HANDOFF_CLIENT, who.encode("latin-1"))]
 
     async def _handoff(self, scope: Scope, receive: Receive, send: Send) -> None:
-        headers = [(k, v) for k, v in scope["headers"] if k not in HOP_BY_HOP]
+        received: list[tuple[bytes, bytes]] = scope.get("hestia.headers_in") or scope["headers"]
+        headers = [(k, v) for k, v in received if k not in HOP_BY_HOP]
         has_body = False
-        for key, value in scope["headers"]:
+        for key, value in received:
             if (key == b"content-length" and value.strip() not in (b"", b"0")) or (
                 key == b"transfer-encoding"
             ):
@@ -278,7 +298,11 @@ class Worker:
                 name: _RemoteService(self, name, entry) for name, entry in table["services"].items()
             }
             self.router.configure(table["hosts"], table["keep"])
-            self.handoff_all = table["handoff_all"]  # auth, as the running config has it
+            self.handoff_all = table["handoff_all"]
+            # auth as the running config has it (a reload may have turned it on or off)
+            self._authenticator.use_worker_state(table["auth"])
+            self.auth = self._authenticator if self._authenticator.enabled else None
+            self.suspects = frozenset(table["suspects"])
             self.generation = table["gen"]
             self._report()
             self._first_table.set()
@@ -333,7 +357,11 @@ def _worker_main(argv: list[str] | None = None) -> int:
     config = load_config(args.config)
     token = os.environ.pop("HESTIA_HANDOFF_TOKEN", "").encode()
     worker = Worker(args.index, args.control, args.handoff_port, token)
+    # until the first table: auth as the file has it, checked by the controller
     worker.handoff_all = config.auth.enabled
+    worker._authenticator = Authenticator(
+        AuthConfig(), TrustedProxies(config.server.trusted_proxies)
+    )
     # the same proxy as the controller's: access lines as configured, the same trusted proxies
     worker.proxy = type(worker.proxy)(
         worker._lookup,
@@ -342,6 +370,7 @@ def _worker_main(argv: list[str] | None = None) -> int:
         config.logging.access,
         TrustedProxies(config.server.trusted_proxies),
     )
+    worker.proxy.hand_off = worker._handoff
     writer = None
     if args.log_format == "json" and args.log_level.upper() in ("TRACE", "DEBUG", "INFO"):
         writer = worker.proxy.access_writer = JsonAccessLog(max_write=PIPE_BUF)

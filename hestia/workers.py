@@ -8,13 +8,15 @@ control API, backends, store) listening only on a private loopback port. N worke
 connections over them. A worker serves a request on its own only when the controller's table
 says the service is *fast*: ready, with an address, no `max_concurrency` line and no wake
 filter. Everything else (cold starts, held and queued requests, the waiting page, the control
-API, unknown services, auth) is handed to the controller as it is, over HTTP on the private
-port, with a per-run token and the client's address in two headers only the controller reads.
+API, unknown services, anything auth does not plainly admit) is handed to the controller as it
+is, over HTTP on the private port, with a per-run token and the client's address in two
+headers only the controller reads.
 Handing off is always correct, so a worker that has no table yet hands everything off.
 
 The control channel is a Unix socket with one JSON line per message:
 
-* controller -> worker: the table `{"gen": g, "services": {...}, "hosts": ..., "keep": ...}`,
+* controller -> worker: the table `{"gen": g, "services": {...}, "hosts": ..., "keep": ...,
+  "auth": key set or null, "suspects": [addresses with failed keys], "handoff_all": bool}`,
   sent whenever it changes (looked at every `POLL_S`) and at once by `barrier()`.
 * worker -> controller: a report `{"ack": g, "busy": {svc: n}, "touched": [...],
   "counts": {svc: [1xx..5xx, errors, upstream_errors, bytes_in, bytes_out]}}` at once after
@@ -58,6 +60,9 @@ POLL_S = 0.05  # how often the controller compares the table with the last one s
 REPORT_S = 0.1  # how often a worker reports, when something changed
 BARRIER_TIMEOUT_S = 2.0  # a worker that does not acknowledge a table within this is killed
 RESPAWN_DELAY_S = 0.2
+# auth on: more addresses than this with failed keys on record, and every request goes to the
+# controller until they have aged out (the table stays small under an attack from many)
+MAX_SUSPECTS = 256
 RESPAWN_MAX_S = 10.0
 PIPE_BUF = 4096  # writes up to this size to a pipe are never interleaved with other writers
 
@@ -403,9 +408,15 @@ class Controller:
             svc.workers_in_flight = totals.get(name, 0)
 
     def table(self) -> dict[str, Any]:
-        # auth on (also when a reload turns it on): the controller checks every request
-        auth = self.gateway.auth.enabled
-        hold_all = self._holding_all or auth
+        # auth on: the workers admit service requests with a valid key themselves (the key
+        # set travels in the table) and hand the rest, and every request from an address with
+        # failures on record, to the controller; too many such addresses (an attack from many
+        # addresses): every request goes to the controller while it lasts
+        auth = self.gateway.auth
+        auth_state = auth.worker_state()
+        suspects = auth.limiter.suspects() if auth_state is not None else []
+        overflow = len(suspects) > MAX_SUSPECTS
+        hold_all = self._holding_all or overflow
         services = {}
         for name, svc in list(self.gateway.registry.services.items()):
             if svc.workers_barrier is None:
@@ -418,7 +429,9 @@ class Controller:
             "services": services,
             "hosts": router.hosts,
             "keep": sorted(router.keep_prefix),
-            "handoff_all": auth,
+            "auth": auth_state,
+            "suspects": [] if overflow else suspects,
+            "handoff_all": overflow,
         }
 
     def _publish(self, force: bool = False) -> None:

@@ -19,6 +19,8 @@ from typing import Any
 
 import httpx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from loguru import logger
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import InvalidStatus
@@ -574,6 +576,122 @@ def test_the_failure_table_stays_bounded() -> None:
     assert blocked and limiter.retry_after("192.0.2.1") == 5
     t[0] = 5.5
     assert limiter.retry_after("192.0.2.1") is None
+
+
+def test_suspects_are_the_addresses_with_failures_on_record() -> None:
+    """What data-plane workers hand to the controller: addresses with failures in the window
+    or a block; they drop out once both are over."""
+    from hestia.auth import FailureLimiter
+
+    t = [0.0]
+    limiter = FailureLimiter(lambda: t[0], limit=2, window=10, block=30)
+    limiter.failed("192.0.2.9")
+    limiter.failed("192.0.2.1")
+    limiter.failed("192.0.2.1")  # blocked until 30
+    assert limiter.suspects() == ["192.0.2.1", "192.0.2.9"]
+    t[0] = 20.0
+    assert limiter.suspects() == ["192.0.2.1"]
+    t[0] = 31.0
+    assert limiter.suspects() == []
+
+
+# ------------------------------------------------------------------ workers' quiet admission
+_W_USER = "wu-" + secrets.token_hex(8)
+_W_ADMIN = "wa-" + secrets.token_hex(8)
+
+
+def _pair(header: str) -> tuple[Any, Any]:
+    from hestia.auth import Authenticator
+
+    config = AuthConfig.model_validate(
+        {
+            "enabled": True,
+            "header": header,
+            "keys": [
+                {"name": "user", "key": _W_USER, "scopes": ["service:a"]},
+                {"name": "adm", "key": _W_ADMIN, "scopes": ["admin"]},
+            ],
+        }
+    )
+    config.load_secrets()
+    controller = Authenticator(config)
+    worker = Authenticator(AuthConfig())
+    worker.use_worker_state(controller.worker_state())
+    return controller, worker
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    header=st.sampled_from(["both", "x-api-key"]),
+    api=st.sampled_from([None, "user", "adm", "wrong"]),
+    bearer_of=st.sampled_from([None, "user", "adm", "wrong", "service-token"]),
+    cookie_of=st.sampled_from([None, "user", "adm", "forged"]),
+    other_cookie=st.booleans(),
+    service=st.sampled_from(["a", "b"]),
+    websocket=st.booleans(),
+    origin=st.sampled_from([None, "http://gw.test", "http://evil.test"]),
+)
+def test_a_worker_admits_exactly_what_the_controller_admits(
+    header: str,
+    api: str | None,
+    bearer_of: str | None,
+    cookie_of: str | None,
+    other_cookie: bool,
+    service: str,
+    websocket: bool,
+    origin: str | None,
+) -> None:
+    """`admits_quietly` (a worker, from the key set in the table) says yes to exactly the
+    service requests `admit` lets through, and forwards the same headers; everything else it
+    leaves to the controller without answering."""
+    from hestia.router import Route
+
+    controller, worker = _pair(header)
+    keys = {"user": _W_USER, "adm": _W_ADMIN, "wrong": "nope-" + "x" * 20}
+    headers: list[tuple[bytes, bytes]] = [(b"host", b"gw.test")]
+    if api is not None:
+        headers.append((b"x-api-key", keys[api].encode()))
+    if bearer_of is not None:
+        token = "svc-own-token" if bearer_of == "service-token" else keys[bearer_of]
+        headers.append((b"authorization", b"Bearer " + token.encode()))
+    if cookie_of is not None:
+        if cookie_of == "forged":
+            value = "1|9999999999|00|user|" + "0" * 64
+        else:
+            value = controller.issue_session(controller._state.by_name[cookie_of])
+        jar = ("theme=dark; " if other_cookie else "") + f"hestia_session={value}"
+        headers.append((b"cookie", jar.encode()))
+    if origin is not None:
+        headers.append((b"origin", origin.encode()))
+    base: dict[str, Any] = {
+        "type": "websocket" if websocket else "http",
+        "method": "GET",
+        "path": f"/services/{service}/x",
+        "headers": headers,
+        "client": ("127.0.0.1", 5000),
+        "scheme": "ws" if websocket else "http",
+    }
+    route = Route(service, b"/x", f"/services/{service}".encode())
+    sent: list[Any] = []
+
+    async def send(msg: Any) -> None:
+        sent.append(msg)
+
+    async def receive() -> Any:
+        return {"type": "http.disconnect"}
+
+    on_controller = dict(base)
+    admitted = asyncio.run(controller.admit(on_controller, receive, send, route))
+    on_worker = dict(base)
+    quiet = worker.admits_quietly(on_worker, route)
+    assert quiet == admitted
+    if admitted:
+        assert on_worker["headers"] == on_controller["headers"]
+        assert on_worker["hestia.key"].name == on_controller["hestia.key"].name
+        assert on_worker["hestia.via"] == on_controller["hestia.via"]
+    else:
+        assert "headers" in on_worker and on_worker["headers"] is headers  # untouched
+        assert sent  # the controller answered it
 
 
 # ------------------------------------------------------------------ rotation

@@ -145,7 +145,9 @@ async def status(client: httpx.AsyncClient, gw: Gateway, name: str) -> dict[str,
     return answer
 
 
-async def served_by_a_worker(client: httpx.AsyncClient, gw: Gateway, path: str) -> None:
+async def served_by_a_worker(
+    client: httpx.AsyncClient, gw: Gateway, path: str, headers: dict[str, str] | None = None
+) -> None:
     """Wait until `path` is answered while the controller is stopped (SIGSTOP): the workers
     have the service on their fast path. (Between tries the controller runs, so that it can
     send the workers its table.)"""
@@ -153,7 +155,8 @@ async def served_by_a_worker(client: httpx.AsyncClient, gw: Gateway, path: str) 
     async def answered_alone() -> bool:
         os.kill(gw.proc.pid, signal.SIGSTOP)
         try:
-            return (await client.get(gw.url + path, timeout=0.5)).status_code == 200
+            answer = await client.get(gw.url + path, headers=headers, timeout=0.5)
+            return answer.status_code == 200
         except httpx.HTTPError:
             return False
         finally:
@@ -273,6 +276,87 @@ async def test_auth_turned_on_by_a_reload_covers_the_workers(
         listener.close()
 
 
+async def not_answered_alone(
+    client: httpx.AsyncClient, gw: Gateway, path: str, headers: dict[str, str]
+) -> None:
+    """With the controller paused, `path` gets no answer: a worker handed it to the
+    controller."""
+    os.kill(gw.proc.pid, signal.SIGSTOP)
+    try:
+        with pytest.raises(httpx.HTTPError):
+            await client.get(gw.url + path, headers=headers, timeout=0.5)
+    finally:
+        os.kill(gw.proc.pid, signal.SIGCONT)
+
+
+async def test_workers_admit_valid_keys_and_leave_the_rest_to_the_controller(
+    tmp_path: Path,
+    gateways: list[Gateway],
+    client: httpx.AsyncClient,
+    ws_upstream: tuple[UpstreamApp, int],
+) -> None:
+    """With auth on, a request with a valid key (or session cookie) for a service its key may
+    use is served by a worker alone, without the gateway's credential; a wrong key, a key
+    without the scope and anything from an address with failed keys on record go to the
+    controller, which answers, logs and counts them (a block covers the workers too)."""
+    app, port = ws_upstream
+    user, admin = "wu-" + "u" * 40, "wa-" + "a" * 40
+    url = f"http://127.0.0.1:{port}"
+    gw = Gateway(
+        tmp_path,
+        {"up": {"url": url}, "other": {"url": url}},
+        auth={
+            "enabled": True,
+            "keys": [
+                {"name": "user", "key": user, "scopes": ["service:up"]},
+                {"name": "adm", "key": admin, "scopes": ["admin"]},
+            ],
+        },
+    )
+    gateways.append(gw)
+    await gw.ready(client)
+    mine = {"X-API-Key": user, "Authorization": "Bearer svc-own", "Cookie": "theme=dark"}
+    await served_by_a_worker(client, gw, "/services/up/x", mine)
+    seen = app.seen[-1]["headers"]
+    assert "x-api-key" not in seen
+    assert seen["authorization"] == "Bearer svc-own" and seen["cookie"] == "theme=dark"
+    # a browser session made by the controller's /login is good in the workers too
+    login = await client.post(f"{gw.url}/login", data={"key": user, "next": "/"})
+    assert login.status_code == 303
+    cookie = {"Cookie": "hestia_session=" + login.cookies["hestia_session"]}
+    await served_by_a_worker(client, gw, "/services/up/y", cookie)
+    assert "cookie" not in app.seen[-1]["headers"]
+    async with ws_connect(
+        f"ws://127.0.0.1:{gw.port}/services/up/ws", additional_headers={"X-API-Key": user}
+    ) as ws:
+        await ws.send("hi")
+        assert await ws.recv() == "echo:hi"
+    # not for a worker: the wrong key, and a key on a service outside its scopes
+    wrong = {"X-API-Key": "nope-" + "n" * 30}
+    await not_answered_alone(client, gw, "/services/up/x", wrong)
+    await not_answered_alone(client, gw, "/services/other/x", {"X-API-Key": user})
+    assert (await client.get(f"{gw.url}/services/other/x", headers=mine)).status_code == 403
+    assert (
+        await client.get(f"{gw.url}/services/other/x", headers={"X-API-Key": admin})
+    ).status_code == 200
+    # failures from this address: from now on its requests are the controller's, and after
+    # ten of them even the right key is refused 429, whoever would have served it
+    for _ in range(10):
+        await client.get(f"{gw.url}/services/up/x", headers=wrong)
+
+    async def refused() -> bool:
+        return (await client.get(f"{gw.url}/services/up/x", headers=mine)).status_code == 429
+
+    await wait_for(refused, 10, "the block")
+    answers = await asyncio.gather(
+        *(client.get(f"{gw.url}/services/up/{i}", headers=mine) for i in range(40))
+    )
+    assert {a.status_code for a in answers} == {429}
+    await not_answered_alone(client, gw, "/services/up/x", mine)
+    failed = [line for line in gw.lines() if line.get("event") == "auth_failed"]
+    assert len(failed) >= 10 and {line["key"] for line in failed} >= {"unknown key", "key 'user'"}
+
+
 async def test_cold_start_through_workers_starts_once(
     tmp_path: Path, gateways: list[Gateway], client: httpx.AsyncClient, tag: str
 ) -> None:
@@ -287,6 +371,37 @@ async def test_cold_start_through_workers_starts_once(
     assert len(spawns.read_text().splitlines()) == 1
     metrics = (await client.get(f"{gw.url}/v1/metrics")).json()
     assert metrics["services"]["llm"]["cold_starts"] == 1
+
+
+async def test_a_request_whose_instance_died_under_a_worker_waits_for_the_restart(
+    tmp_path: Path, gateways: list[Gateway], client: httpx.AsyncClient, tag: str
+) -> None:
+    """A worker that finds a fast service's address dead does not answer 502 on its own: it
+    hands the request to the controller, which finds the instance gone and answers after a
+    new start, as the single process does."""
+    spawns = tmp_path / "spawns.log"
+    gw = Gateway(tmp_path, {"llm": process_service(tag, env={"SPAWN_LOG": str(spawns)})})
+    gateways.append(gw)
+    await gw.ready(client)
+    first = await client.get(f"{gw.url}/services/llm/")  # cold start
+    assert first.status_code == 200
+    await served_by_a_worker(client, gw, "/services/llm/")
+    os.kill(gw.proc.pid, signal.SIGSTOP)  # the table stays as it is: llm is fast
+    try:
+        for pid in _tagged(tag):
+            os.kill(pid, signal.SIGKILL)
+        pending = asyncio.ensure_future(client.get(f"{gw.url}/services/llm/"))
+        done, _ = await asyncio.wait({pending}, timeout=1.0)
+        assert not done, "a worker answered on its own: " + pending.result().text
+    finally:
+        os.kill(gw.proc.pid, signal.SIGCONT)
+    answer = await pending
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["pid"] != first.json()["pid"]
+    assert len(spawns.read_text().splitlines()) == 2
+    access = [line for line in gw.lines() if line.get("event") == "access"]
+    assert [line["status"] for line in access if line["service"] == "llm"][-1] == 200
+    assert not [line for line in access if line["status"] == 502]
 
 
 async def test_idle_stop_never_cuts_a_stream_in_a_worker(
