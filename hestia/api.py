@@ -293,11 +293,15 @@ def build_api(
     async def metrics_json() -> dict[str, Any]:
         """Per service: requests by status class, errors, bytes, cold starts, start durations,
         time spent waiting for starts, waiting and in flight now, uptime share; and totals."""
+        if metrics.sync is not None:
+            await metrics.sync()
         return metrics.snapshot()
 
     @api.get("/metrics", response_class=PlainTextResponse)
     async def metrics_prometheus() -> Response:
         """The same numbers in Prometheus text format (hestia_* with a `service` label)."""
+        if metrics.sync is not None:
+            await metrics.sync()
         return Response(generate_latest(prometheus), media_type=CONTENT_TYPE_LATEST)
 
     @api.get("/v1/services/{name}/events", response_model=EventList, responses=_ERRORS)
@@ -314,7 +318,10 @@ def build_api(
 
     @api.get("/v1/services/{name}/status", response_model=ServiceStatus, responses=_ERRORS)
     async def service_status(name: str) -> dict[str, Any]:
-        return registry.get(name).status()
+        svc = registry.get(name)
+        if metrics.sync is not None:  # the workers' requests in flight, as of now
+            await metrics.sync()
+        return svc.status()
 
     @api.post("/v1/services/{name}/start", response_model=ServiceStatus, responses=_ERRORS)
     async def start_service(

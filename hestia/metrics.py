@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
@@ -77,6 +77,9 @@ class Metrics:
         self.started = time.monotonic()
         self.services: dict[str, ServiceMetrics] = {}
         self._live: Callable[[], dict[str, Live]] = dict
+        # with data-plane workers: brings their counters up to date before a read (the API
+        # awaits it before it answers /v1/metrics, /metrics and a service's status)
+        self.sync: Callable[[], Awaitable[None]] | None = None
 
     def service(self, name: str) -> ServiceMetrics:
         m = self.services.get(name)

@@ -59,6 +59,7 @@ WORKERS_CAP = 8  # `auto`: one worker per CPU, at most this many
 POLL_S = 0.05  # how often the controller compares the table with the last one sent
 REPORT_S = 0.1  # how often a worker reports, when something changed
 BARRIER_TIMEOUT_S = 2.0  # a worker that does not acknowledge a table within this is killed
+SYNC_TIMEOUT_S = 0.5  # how long reading the metrics waits for the workers' fresh counters
 RESPAWN_DELAY_S = 0.2
 # auth on: more addresses than this with failed keys on record, and every request goes to the
 # controller until they have aged out (the table stays small under an attack from many)
@@ -195,6 +196,7 @@ class Controller:
         self._delays: dict[int, float] = {}  # worker index -> wait before its next restart
         self._holding_all = False  # a config version is being applied: workers hand off all
         gateway.reloader.hold = self.hold_all
+        gateway.metrics.sync = self.fresh_reports
 
     # -------------------------------------------------------------- the ASGI entry
     def wrap(self, app: ASGIApp) -> ASGIApp:
@@ -466,6 +468,19 @@ class Controller:
         finally:
             self._holding_all = False
             self._publish()
+
+    async def fresh_reports(self) -> None:
+        """Before the metrics or a status are read: every worker's counters as of now (a
+        table round trip, bounded by SYNC_TIMEOUT_S; a slow worker's numbers are then up to
+        REPORT_S old, and it is not killed for it)."""
+        if not self._links:
+            return
+        self._publish(force=True)
+        generation = self.generation
+        waiting = [link.acked.wait() for link in self._links.values() if link.ack < generation]
+        if waiting:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*waiting), SYNC_TIMEOUT_S)
 
     async def barrier(self) -> None:
         """Send the table as it is now and wait until every worker has it (and has said what
