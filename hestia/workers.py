@@ -84,14 +84,36 @@ HOP_BY_HOP = frozenset(
 )
 
 
-def worker_count(setting: int | str) -> int:
-    """`server.workers`: a number, or `auto` (the CPUs this process may use, at most 8)."""
-    if setting == "auto":
+def usable_cpus(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
+    """The CPUs this process may run on (its affinity), and no more than its cgroup's CPU
+    quota allows (a container's `cpus:`/`--cpus`, rounded up; cgroup v2 or v1)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    quota = period = None
+    try:
+        fields = (cgroup / "cpu.max").read_text().split()
+        if fields[0] != "max":
+            quota, period = int(fields[0]), int(fields[1])
+    except (OSError, ValueError, IndexError):
         try:
-            cpus = len(os.sched_getaffinity(0))
-        except AttributeError:  # not Linux
-            cpus = os.cpu_count() or 1
-        return max(1, min(cpus, WORKERS_CAP))
+            q = int((cgroup / "cpu" / "cpu.cfs_quota_us").read_text())
+            if q > 0:
+                quota = q
+                period = int((cgroup / "cpu" / "cpu.cfs_period_us").read_text())
+        except (OSError, ValueError):
+            pass
+    if quota is not None and period:
+        cpus = min(cpus, max(1, -(-quota // period)))
+    return max(1, cpus)
+
+
+def worker_count(setting: int | str, cgroup: Path = Path("/sys/fs/cgroup")) -> int:
+    """`server.workers`: a number, or `auto`: one per usable CPU (`usable_cpus`), at most
+    WORKERS_CAP; 1 (one process, no workers) on a single CPU."""
+    if setting == "auto":
+        return min(usable_cpus(cgroup), WORKERS_CAP)
     return max(1, int(setting))
 
 

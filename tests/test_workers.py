@@ -165,10 +165,26 @@ async def served_by_a_worker(
     await wait_for(answered_alone, 20, f"{path} served by a worker alone")
 
 
-def test_worker_count() -> None:
+def test_worker_count(tmp_path: Path) -> None:
     assert worker_count(1) == 1
     assert worker_count(3) == 3
-    assert 1 <= worker_count("auto") <= 8
+    cpus = len(os.sched_getaffinity(0))
+    none = tmp_path / "none"  # no cgroup files: the affinity
+    assert worker_count("auto", none) == min(cpus, 8)
+    # a container's CPU quota (cgroup v2 cpu.max, then v1), rounded up, caps it
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    (v2 / "cpu.max").write_text("50000 100000\n")
+    assert worker_count("auto", v2) == 1
+    (v2 / "cpu.max").write_text("max 100000\n")
+    assert worker_count("auto", v2) == min(cpus, 8)
+    v1 = tmp_path / "v1" / "cpu"
+    v1.mkdir(parents=True)
+    (v1 / "cpu.cfs_quota_us").write_text("150000\n")
+    (v1 / "cpu.cfs_period_us").write_text("100000\n")
+    assert worker_count("auto", v1.parent) == min(cpus, 2)
+    (v1 / "cpu.cfs_quota_us").write_text("-1\n")
+    assert worker_count("auto", v1.parent) == min(cpus, 8)
 
 
 async def test_workers_serve_alone_and_every_request_is_counted_once(
