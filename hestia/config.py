@@ -764,10 +764,10 @@ class ServerTimeouts(_Strict):
 class ServerConfig(_Strict):
     host: str = "0.0.0.0"
     port: int = Field(default=8080, ge=1, le=65535)
-    # Data-plane worker processes (hestia/workers.py): 1 is one process, as always; N > 1 or
-    # `auto` (one per CPU, at most 8) runs N workers on the port and this process as their
-    # controller.
-    workers: Literal["auto"] | Annotated[int, Field(ge=1, le=64)] = 1
+    # Data-plane worker processes (hestia/workers.py): `auto` (the default) is one per usable
+    # CPU (affinity and the container's CPU quota), at most 8, and one process below 3 CPUs;
+    # N > 1 runs N workers on the port and this process as their controller; 1 is one process.
+    workers: Literal["auto"] | Annotated[int, Field(ge=1, le=64)] = "auto"
     shutdown_grace: Duration = 30.0
     limits: ServerLimits = ServerLimits()
     timeouts: ServerTimeouts = ServerTimeouts()

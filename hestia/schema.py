@@ -99,8 +99,9 @@ DESCRIPTIONS: dict[str, dict[str, str]] = {
     "ServerConfig": {
         "host": "address to listen on",
         "port": "port to listen on",
-        "workers": "data-plane worker processes: 1 is one process; N or auto (one per CPU, at "
-        "most 8) serve ready services in N workers beside this controller (restart to change)",
+        "workers": "data-plane worker processes: auto (default: one per usable CPU, the "
+        "container's CPU quota counted, at most 8; one process below 3 CPUs) or N serve ready "
+        "services in workers beside this controller; 1 is one process (restart to change)",
         "shutdown_grace": "how long a shutdown lets requests in flight finish",
         "limits": "what one client may ask of the server",
         "timeouts": "client connection timeouts",

@@ -56,6 +56,7 @@ if TYPE_CHECKING:
     from hestia.lifecycle import Service
 
 WORKERS_CAP = 8  # `auto`: one worker per CPU, at most this many
+AUTO_MIN_CPUS = 3  # `auto` on fewer usable CPUs: one process (see worker_count)
 POLL_S = 0.05  # how often the controller compares the table with the last one sent
 REPORT_S = 0.1  # how often a worker reports, when something changed
 BARRIER_TIMEOUT_S = 2.0  # a worker that does not acknowledge a table within this is killed
@@ -110,10 +111,14 @@ def usable_cpus(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
 
 
 def worker_count(setting: int | str, cgroup: Path = Path("/sys/fs/cgroup")) -> int:
-    """`server.workers`: a number, or `auto`: one per usable CPU (`usable_cpus`), at most
-    WORKERS_CAP; 1 (one process, no workers) on a single CPU."""
+    """`server.workers`: a number, or `auto`: one worker per usable CPU (`usable_cpus`), at
+    most WORKERS_CAP, and one process (no workers) below AUTO_MIN_CPUS. Measured on 2 cores
+    (bench/NOTES.md): two workers gave 1.06-1.35x the req/s of one process for 10-20 % more
+    CPU per request, and about 60 MB of memory each (the idle footprint past 100 MB), with no
+    free core to grow into once the upstreams and the clients run on the same machine."""
     if setting == "auto":
-        return min(usable_cpus(cgroup), WORKERS_CAP)
+        cpus = usable_cpus(cgroup)
+        return 1 if cpus < AUTO_MIN_CPUS else min(cpus, WORKERS_CAP)
     return max(1, int(setting))
 
 

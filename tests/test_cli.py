@@ -62,6 +62,8 @@ async def test_sigterm_answers_held_requests_and_leaves_containers(
                 return bool((await client.get("/v1/services/slow/status")).json()["waiting"])
 
             await wait_for(waiting, 10, "the request to be held")
+            # the container is up (its web server waits 60 s), the request held for it
+            await wait_for(lambda: containers.state(c) == "running", 20, "the container's start")
             proc.send_signal(signal.SIGTERM)
             r = await asyncio.wait_for(held, 10)
         assert r.status_code == 503

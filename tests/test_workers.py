@@ -20,7 +20,7 @@ import pytest
 import uvicorn
 from websockets.asyncio.client import connect as ws_connect
 
-from hestia.workers import worker_count
+from hestia.workers import usable_cpus, worker_count
 from tests.conftest import free_port, wait_for
 from tests.test_access_log import _upstream
 from tests.test_backend_process import SERVER, _tagged
@@ -169,22 +169,28 @@ def test_worker_count(tmp_path: Path) -> None:
     assert worker_count(1) == 1
     assert worker_count(3) == 3
     cpus = len(os.sched_getaffinity(0))
+
+    def auto(n: int) -> int:  # the rule: one per CPU up to 8, one process below 3 CPUs
+        return 1 if n < 3 else min(n, 8)
+
     none = tmp_path / "none"  # no cgroup files: the affinity
-    assert worker_count("auto", none) == min(cpus, 8)
+    assert worker_count("auto", none) == auto(cpus)
     # a container's CPU quota (cgroup v2 cpu.max, then v1), rounded up, caps it
     v2 = tmp_path / "v2"
     v2.mkdir()
     (v2 / "cpu.max").write_text("50000 100000\n")
-    assert worker_count("auto", v2) == 1
+    assert usable_cpus(v2) == 1 and worker_count("auto", v2) == 1
+    (v2 / "cpu.max").write_text("250000 100000\n")
+    assert usable_cpus(v2) == min(cpus, 3) and worker_count("auto", v2) == auto(min(cpus, 3))
     (v2 / "cpu.max").write_text("max 100000\n")
-    assert worker_count("auto", v2) == min(cpus, 8)
+    assert usable_cpus(v2) == cpus and worker_count("auto", v2) == auto(cpus)
     v1 = tmp_path / "v1" / "cpu"
     v1.mkdir(parents=True)
     (v1 / "cpu.cfs_quota_us").write_text("150000\n")
     (v1 / "cpu.cfs_period_us").write_text("100000\n")
-    assert worker_count("auto", v1.parent) == min(cpus, 2)
+    assert usable_cpus(v1.parent) == min(cpus, 2)
     (v1 / "cpu.cfs_quota_us").write_text("-1\n")
-    assert worker_count("auto", v1.parent) == min(cpus, 8)
+    assert usable_cpus(v1.parent) == cpus
 
 
 async def test_workers_serve_alone_and_every_request_is_counted_once(
