@@ -80,6 +80,8 @@ class Metrics:
         # with data-plane workers: brings their counters up to date before a read (the API
         # awaits it before it answers /v1/metrics, /metrics and a service's status)
         self.sync: Callable[[], Awaitable[None]] | None = None
+        # with data-plane workers: {"configured", "running", "restarts"} (Controller.info)
+        self.workers: Callable[[], dict[str, int]] | None = None
 
     def service(self, name: str) -> ServiceMetrics:
         m = self.services.get(name)
@@ -150,7 +152,10 @@ class Metrics:
             totals["bytes_in"] += m.bytes_in
             totals["bytes_out"] += m.bytes_out
             totals["cold_starts"] += m.cold_starts
-        return {"uptime_s": uptime, "totals": totals, "services": services}
+        snap: dict[str, Any] = {"uptime_s": uptime, "totals": totals, "services": services}
+        if self.workers is not None:
+            snap["workers"] = self.workers()
+        return snap
 
 
 class PrometheusCollector(Collector):
@@ -213,3 +218,16 @@ class PrometheusCollector(Collector):
         yield from gauges.values()
         yield from (ready, start, wait, refused)
         yield GaugeMetricFamily("hestia_uptime_seconds", "Seconds since start", snap["uptime_s"])
+        workers = snap.get("workers")
+        if workers is not None:
+            yield GaugeMetricFamily(
+                "hestia_workers", "Data-plane workers running", workers["running"]
+            )
+            yield GaugeMetricFamily(
+                "hestia_workers_configured", "Data-plane workers configured", workers["configured"]
+            )
+            yield CounterMetricFamily(
+                "hestia_worker_restarts",
+                "Data-plane workers started again after one died",
+                workers["restarts"],
+            )

@@ -224,6 +224,7 @@ class Controller:
         self._holding_all = False  # a config version is being applied: workers hand off all
         gateway.reloader.hold = self.hold_all
         gateway.metrics.sync = self.fresh_reports
+        gateway.metrics.workers = self.info
 
     # -------------------------------------------------------------- the ASGI entry
     def wrap(self, app: ASGIApp) -> ASGIApp:
@@ -342,6 +343,11 @@ class Controller:
         if link is not None:
             link.writer.close()
             self._apply_busy()
+
+    def info(self) -> dict[str, int]:
+        """For the metrics: workers configured, connected to this controller now, and
+        started again after one died (a number that keeps growing means a crash loop)."""
+        return {"configured": self.count, "running": len(self._links), "restarts": self.restarts}
 
     @property
     def worker_pids(self) -> dict[int, int]:

@@ -504,6 +504,15 @@ async def test_a_killed_worker_is_restarted_and_its_requests_released(
             return bool((await status(client, gw, "ok"))["workers_in_flight"] == 0)
 
         await wait_for(released, 10, "in-flight counts back to 0")
+        # the metrics say a worker died and was replaced (a crash loop would show here)
+        assert (await client.get(f"{gw.url}/v1/metrics")).json()["workers"] == {
+            "configured": 2,
+            "running": 2,
+            "restarts": 1,
+        }
+        prometheus = (await client.get(f"{gw.url}/metrics")).text
+        assert "hestia_worker_restarts_total 1.0" in prometheus
+        assert "hestia_workers 2.0" in prometheus
         gw.stop()
         text = gw.log.read_text()
     finally:
