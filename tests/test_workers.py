@@ -392,24 +392,34 @@ async def test_cold_start_through_workers_starts_once(
     assert metrics["services"]["llm"]["cold_starts"] == 1
 
 
+@pytest.mark.parametrize("auth", [False, True])
 async def test_a_request_whose_instance_died_under_a_worker_waits_for_the_restart(
-    tmp_path: Path, gateways: list[Gateway], client: httpx.AsyncClient, tag: str
+    tmp_path: Path, gateways: list[Gateway], client: httpx.AsyncClient, tag: str, auth: bool
 ) -> None:
     """A worker that finds a fast service's address dead does not answer 502 on its own: it
     hands the request to the controller, which finds the instance gone and answers after a
-    new start, as the single process does."""
+    new start, as the single process does. With auth on, the hand-off carries the key the
+    worker had already stripped for the upstream."""
     spawns = tmp_path / "spawns.log"
-    gw = Gateway(tmp_path, {"llm": process_service(tag, env={"SPAWN_LOG": str(spawns)})})
+    extra: dict[str, Any] = {}
+    key = {"X-API-Key": "wk-" + "k" * 40} if auth else {}
+    if auth:
+        extra["auth"] = {
+            "enabled": True,
+            "keys": [{"name": "me", "key": key["X-API-Key"], "scopes": ["admin"]}],
+        }
+    svc = process_service(tag, env={"SPAWN_LOG": str(spawns)})
+    gw = Gateway(tmp_path, {"llm": svc}, **extra)
     gateways.append(gw)
     await gw.ready(client)
-    first = await client.get(f"{gw.url}/services/llm/")  # cold start
+    first = await client.get(f"{gw.url}/services/llm/", headers=key)  # cold start
     assert first.status_code == 200
-    await served_by_a_worker(client, gw, "/services/llm/")
+    await served_by_a_worker(client, gw, "/services/llm/", key)
     os.kill(gw.proc.pid, signal.SIGSTOP)  # the table stays as it is: llm is fast
     try:
         for pid in _tagged(tag):
             os.kill(pid, signal.SIGKILL)
-        pending = asyncio.ensure_future(client.get(f"{gw.url}/services/llm/"))
+        pending = asyncio.ensure_future(client.get(f"{gw.url}/services/llm/", headers=key))
         done, _ = await asyncio.wait({pending}, timeout=1.0)
         assert not done, "a worker answered on its own: " + pending.result().text
     finally:
