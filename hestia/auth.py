@@ -353,10 +353,7 @@ class Authenticator:
                 )
                 return False
 
-        if api_key is not None or strip_bearer or cookie is not None:
-            scope["headers"] = _strip(headers, bearer if strip_bearer else None, cookie is not None)
-        scope["hestia.key"] = key
-        scope["hestia.via"] = via
+        _admitted(scope, key, via, api_key is not None, bearer if strip_bearer else None, cookie)
         return True
 
     # ---------------------------------------------------------------- data-plane workers
@@ -426,10 +423,7 @@ class Authenticator:
         if via == "cookie" and scope["type"] == "websocket":
             if not self._same_origin(scope, headers):
                 return False
-        if api_key is not None or strip_bearer or cookie is not None:
-            scope["headers"] = _strip(headers, bearer if strip_bearer else None, cookie is not None)
-        scope["hestia.key"] = key
-        scope["hestia.via"] = via
+        _admitted(scope, key, via, api_key is not None, bearer if strip_bearer else None, cookie)
         return True
 
     # ---------------------------------------------------------------- answers
@@ -688,6 +682,21 @@ def _with_hint(message: str, scope: Scope, route: Route | None) -> str:
 def _netloc(scheme: str, netloc: str) -> str:
     default = ":443" if scheme in ("https", "wss") else ":80"
     return netloc[: -len(default)] if netloc.endswith(default) else netloc
+
+
+def _admitted(
+    scope: Scope,
+    key: Key,
+    via: str,
+    had_api_key: bool,
+    gateway_bearer: bytes | None,
+    cookie: bytes | None,
+) -> None:
+    """An admitted request: the gateway's credential out of its headers, and who it is."""
+    if had_api_key or gateway_bearer is not None or cookie is not None:
+        scope["headers"] = _strip(scope["headers"], gateway_bearer, cookie is not None)
+    scope["hestia.key"] = key
+    scope["hestia.via"] = via
 
 
 def _credentials(
