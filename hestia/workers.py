@@ -173,11 +173,42 @@ class _Link:
         self.writer = writer
         self.ack = -1
         self.busy: dict[str, int] = {}
-        self.acked = asyncio.Event()
+        # (generation, future): done once this worker has acknowledged that generation (or
+        # is gone). Per generation, so that later tables (a metrics read sends one) never
+        # keep an earlier wait from ending.
+        self._waiters: list[tuple[int, asyncio.Future[None]]] = []
 
     def send(self, message: bytes) -> None:
         if not self.writer.is_closing():
             self.writer.write(message)
+
+    def acknowledged(self, generation: int) -> asyncio.Future[None]:
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if self.ack >= generation:
+            fut.set_result(None)
+        else:
+            self._waiters.append((generation, fut))
+        return fut
+
+    def took(self, ack: int) -> None:
+        """The worker acknowledged table `ack`."""
+        self.ack = max(self.ack, ack)
+        waiting = []
+        for generation, fut in self._waiters:
+            if fut.done():
+                continue
+            if generation <= self.ack:
+                fut.set_result(None)
+            else:
+                waiting.append((generation, fut))
+        self._waiters = waiting
+
+    def gone(self) -> None:
+        """The worker's connection ended: nothing is left to wait for."""
+        for _, fut in self._waiters:
+            if not fut.done():
+                fut.set_result(None)
+        self._waiters = []
 
 
 class Controller:
@@ -341,6 +372,7 @@ class Controller:
     def _drop(self, index: int) -> None:
         link = self._links.pop(index, None)
         if link is not None:
+            link.gone()
             link.writer.close()
             self._apply_busy()
 
@@ -397,6 +429,7 @@ class Controller:
             link = _Link(index, writer)
             old = self._links.get(index)
             if old is not None:
+                old.gone()
                 old.writer.close()
             self._links[index] = link
             self._send_table(link)
@@ -405,9 +438,11 @@ class Controller:
         except (ConnectionError, ValueError, KeyError, asyncio.IncompleteReadError):
             pass
         finally:
-            if link is not None and self._links.get(link.index) is link:
-                del self._links[link.index]
-                self._apply_busy()
+            if link is not None:
+                link.gone()
+                if self._links.get(link.index) is link:
+                    del self._links[link.index]
+                    self._apply_busy()
             writer.close()
 
     def _report(self, link: _Link, report: dict[str, Any]) -> None:
@@ -428,11 +463,7 @@ class Controller:
             m.bytes_out += c[8]
         link.busy = {k: int(v) for k, v in report.get("busy", {}).items()}
         self._apply_busy()
-        ack = int(report.get("ack", -1))
-        if ack > link.ack:
-            link.ack = ack
-        if link.ack >= self.generation:
-            link.acked.set()
+        link.took(int(report.get("ack", -1)))
 
     def _apply_busy(self) -> None:
         totals: dict[str, int] = {}
@@ -476,7 +507,6 @@ class Controller:
         self._sent = table
         self.generation += 1
         for link in self._links.values():
-            link.acked.clear()
             self._send_table(link)
 
     def _send_table(self, link: _Link) -> None:
@@ -510,10 +540,8 @@ class Controller:
             return
         self._publish(force=True)
         generation = self.generation
-        waiting = [link.acked.wait() for link in self._links.values() if link.ack < generation]
-        if waiting:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.gather(*waiting), SYNC_TIMEOUT_S)
+        waiting = [link.acknowledged(generation) for link in self._links.values()]
+        await asyncio.wait(waiting, timeout=SYNC_TIMEOUT_S)
 
     async def barrier(self) -> None:
         """Send the table as it is now and wait until every worker has it (and has said what
@@ -524,12 +552,9 @@ class Controller:
         waiting = [link for link in self._links.values() if link.ack < generation]
         if not waiting:
             return
-        _, pending = await asyncio.wait(
-            [asyncio.ensure_future(link.acked.wait()) for link in waiting],
-            timeout=BARRIER_TIMEOUT_S,
+        await asyncio.wait(
+            [link.acknowledged(generation) for link in waiting], timeout=BARRIER_TIMEOUT_S
         )
-        for fut in pending:
-            fut.cancel()
         for link in waiting:
             if link.ack < generation and self._links.get(link.index) is link:
                 proc = self._procs.get(link.index)

@@ -193,6 +193,30 @@ def test_worker_count(tmp_path: Path) -> None:
     assert usable_cpus(v1.parent) == cpus
 
 
+async def test_a_wait_for_one_table_ends_when_that_table_is_acknowledged() -> None:
+    """Waits are per generation: tables sent after it (a metrics read sends one) never keep a
+    stop's barrier waiting past its own table's acknowledgement; a gone worker ends them."""
+    from hestia.workers import _Link
+
+    class _Writer:
+        def is_closing(self) -> bool:
+            return False
+
+        def write(self, data: bytes) -> None:
+            pass
+
+    link = _Link(0, _Writer())  # type: ignore[arg-type]
+    link.took(3)
+    assert link.acknowledged(3).done()
+    for_5, for_6, for_9 = link.acknowledged(5), link.acknowledged(6), link.acknowledged(9)
+    link.took(5)  # tables 6..9 sent meanwhile: the wait for 5 is over all the same
+    assert for_5.done() and not for_6.done() and not for_9.done()
+    link.took(7)
+    assert for_6.done() and not for_9.done()
+    link.gone()
+    assert for_9.done()
+
+
 async def test_workers_serve_alone_and_every_request_is_counted_once(
     tmp_path: Path, gateways: list[Gateway], client: httpx.AsyncClient
 ) -> None:
