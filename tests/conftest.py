@@ -4,9 +4,11 @@ real uvicorn on 127.0.0.1, and helpers that wait for events with a deadline."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
 import shutil
+import signal
 import socket
 import tempfile
 import time
@@ -287,3 +289,57 @@ def docker_backend(docker_client: Any) -> Iterator[Any]:
 
     backend = DockerBackend()
     yield backend
+
+
+def tagged_pids(tag: str) -> list[int]:
+    """The processes (other than this one) whose command line carries `tag`."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid():
+            try:
+                cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if tag.encode() in cmdline:
+                pids.append(int(entry))
+    return pids
+
+
+@pytest.fixture
+def tag(tmp_path: Path) -> Iterator[str]:
+    """A marker for a test's host processes (put it in their command line); whatever still
+    carries it at the end is killed."""
+    marker = f"hestia-test-{tmp_path.name}-{os.getpid()}"
+    yield marker
+    for pid in tagged_pids(marker):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@contextlib.asynccontextmanager
+async def serve_asgi(app: Any) -> AsyncIterator[int]:
+    """`app` served by uvicorn on 127.0.0.1 while in the block; yields its port."""
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="on")
+    )
+    task = asyncio.create_task(server.serve())
+    await wait_for(lambda: server.started, 10, "upstream server")
+    try:
+        yield port
+    finally:
+        server.should_exit = True
+        server.force_exit = True
+        await asyncio.wait_for(task, 10)
+
+
+@pytest.fixture
+async def upstream() -> AsyncIterator[tuple[Any, int]]:
+    """tests/test_proxy.py's recording `UpstreamApp` served by uvicorn on 127.0.0.1."""
+    from tests.test_proxy import UpstreamApp
+
+    app = UpstreamApp()
+    async with serve_asgi(app) as port:
+        yield app, port

@@ -10,12 +10,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -67,30 +66,9 @@ def port_closed(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) != 0
 
 
-def _tagged(tag: str) -> list[int]:
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and int(entry) != os.getpid():
-            try:
-                cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
-            except OSError:
-                continue
-            if tag.encode() in cmdline:
-                pids.append(int(entry))
-    return pids
-
-
-@pytest.fixture(autouse=True)
-def tag(tmp_path: Path) -> Iterator[str]:
-    """A marker for this test's processes; whatever still carries it at the end is killed
-    (autouse: set up first, so torn down after the gateways)."""
-    marker = f"hestia-test-{tmp_path.name}-{os.getpid()}"
-    yield marker
-    for pid in _tagged(marker):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+# a marker for this test's processes (tests/conftest.py `tag`); autouse here: set up first,
+# so that what still carries it is killed after the gateways are torn down
+pytestmark = pytest.mark.usefixtures("tag")
 
 
 def service(tag: str, name: str = "llm", **extra: Any) -> dict[str, Any]:

@@ -11,7 +11,6 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
@@ -131,21 +130,6 @@ class UpstreamApp:
                 await send({"type": "websocket.send", "text": "echo:" + msg["text"]})
             else:
                 await send({"type": "websocket.send", "bytes": msg["bytes"][::-1]})
-
-
-@pytest.fixture
-async def upstream() -> AsyncIterator[tuple[UpstreamApp, int]]:
-    app = UpstreamApp()
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="on")
-    )
-    task = asyncio.create_task(server.serve())
-    await wait_for(lambda: server.started, 10, "upstream server")
-    yield app, port
-    server.should_exit = True
-    server.force_exit = True
-    await asyncio.wait_for(task, 10)
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ are in tests/e2e/test_jupyter.py."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -14,13 +13,12 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
-import uvicorn
 from websockets.asyncio.client import connect as ws_connect
 from websockets.exceptions import InvalidStatus
 from websockets.typing import Origin
 
 from hestia.backends.memory import MemoryBackend
-from tests.conftest import free_port, wait_for
+from tests.conftest import free_port, serve_asgi
 
 
 class OriginCheckingApp:
@@ -88,16 +86,8 @@ class OriginCheckingApp:
 @pytest.fixture
 async def app() -> AsyncIterator[tuple[OriginCheckingApp, int]]:
     upstream = OriginCheckingApp()
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(upstream, host="127.0.0.1", port=port, log_config=None, lifespan="on")
-    )
-    task = asyncio.create_task(server.serve())
-    await wait_for(lambda: server.started, 10, "upstream server")
-    yield upstream, port
-    server.should_exit = True
-    server.force_exit = True
-    await asyncio.wait_for(task, 10)
+    async with serve_asgi(upstream) as port:
+        yield upstream, port
 
 
 @pytest.fixture

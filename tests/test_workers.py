@@ -17,13 +17,12 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 from websockets.asyncio.client import connect as ws_connect
 
 from hestia.workers import usable_cpus, worker_count
-from tests.conftest import free_port, wait_for
+from tests.conftest import free_port, tagged_pids, wait_for
 from tests.test_access_log import _upstream
-from tests.test_backend_process import SERVER, _tagged
+from tests.test_backend_process import SERVER
 from tests.test_proxy import UpstreamApp
 
 
@@ -109,17 +108,6 @@ def gateways() -> Iterator[list[Gateway]]:
         gw.stop()
         for pid in workers:
             _kill_tree(pid)
-
-
-@pytest.fixture
-def tag(tmp_path: Path) -> Iterator[str]:
-    marker = f"hestia-test-{tmp_path.name}-{os.getpid()}"
-    yield marker
-    for pid in _tagged(marker):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 @pytest.fixture
@@ -336,13 +324,13 @@ async def test_workers_admit_valid_keys_and_leave_the_rest_to_the_controller(
     tmp_path: Path,
     gateways: list[Gateway],
     client: httpx.AsyncClient,
-    ws_upstream: tuple[UpstreamApp, int],
+    upstream: tuple[UpstreamApp, int],
 ) -> None:
     """With auth on, a request with a valid key (or session cookie) for a service its key may
     use is served by a worker alone, without the gateway's credential; a wrong key, a key
     without the scope and anything from an address with failed keys on record go to the
     controller, which answers, logs and counts them (a block covers the workers too)."""
-    app, port = ws_upstream
+    app, port = upstream
     user, admin = "wu-" + "u" * 40, "wa-" + "a" * 40
     url = f"http://127.0.0.1:{port}"
     gw = Gateway(
@@ -441,7 +429,7 @@ async def test_a_request_whose_instance_died_under_a_worker_waits_for_the_restar
     await served_by_a_worker(client, gw, "/services/llm/", key)
     os.kill(gw.proc.pid, signal.SIGSTOP)  # the table stays as it is: llm is fast
     try:
-        for pid in _tagged(tag):
+        for pid in tagged_pids(tag):
             os.kill(pid, signal.SIGKILL)
         pending = asyncio.ensure_future(client.get(f"{gw.url}/services/llm/", headers=key))
         done, _ = await asyncio.wait({pending}, timeout=1.0)
@@ -582,18 +570,26 @@ async def test_sigterm_answers_held_requests_through_the_workers(
     )
 
 
-@pytest.fixture
-async def ws_upstream() -> AsyncIterator[tuple[UpstreamApp, int]]:
-    app = UpstreamApp()
-    port = free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, lifespan="on")
-    server = uvicorn.Server(config)
-    task = asyncio.create_task(server.serve())
-    await wait_for(lambda: server.started, 10, "upstream server")
-    yield app, port
-    server.should_exit = True
-    server.force_exit = True
-    await asyncio.wait_for(task, 10)
+async def gateway_for(
+    where: str,
+    tmp_path: Path,
+    gateways: list[Gateway],
+    client: httpx.AsyncClient,
+    port: int,
+    **extra: Any,
+) -> Gateway:
+    """A gateway in front of the upstream on `port` as service `up`, with the requests to it
+    served by a worker (`where="worker"`) or by the controller (a max_concurrency line is the
+    controller's, never a worker's)."""
+    up: dict[str, Any] = {"url": f"http://127.0.0.1:{port}"}
+    if where == "controller":
+        up["max_concurrency"] = 4
+    gw = Gateway(tmp_path, {"up": up}, **extra)
+    gateways.append(gw)
+    await gw.ready(client)
+    if where == "worker":
+        await served_by_a_worker(client, gw, "/services/up/x")
+    return gw
 
 
 @pytest.mark.parametrize("where", ["worker", "controller"])
@@ -601,19 +597,13 @@ async def test_websockets_through_a_worker_and_handed_off(
     tmp_path: Path,
     gateways: list[Gateway],
     client: httpx.AsyncClient,
-    ws_upstream: tuple[UpstreamApp, int],
+    upstream: tuple[UpstreamApp, int],
     where: str,
 ) -> None:
-    app, port = ws_upstream
-    up: dict[str, Any] = {"url": f"http://127.0.0.1:{port}"}
-    if where == "controller":
-        up["max_concurrency"] = 4  # a line to keep: the controller's, never a worker's
+    app, port = upstream
     # the client is a trusted reverse proxy: the chain it sends is kept and appended to, once
-    gw = Gateway(tmp_path, {"up": up}, server={"trusted_proxies": ["127.0.0.1/32"]})
-    gateways.append(gw)
-    await gw.ready(client)
-    if where == "worker":
-        await served_by_a_worker(client, gw, "/services/up/x")
+    trusted = {"trusted_proxies": ["127.0.0.1/32"]}
+    gw = await gateway_for(where, tmp_path, gateways, client, port, server=trusted)
     async with ws_connect(
         f"ws://127.0.0.1:{gw.port}/services/up/ws?x=1",
         additional_headers={"X-Forwarded-For": "203.0.113.7"},
@@ -643,20 +633,13 @@ async def test_bodies_streams_and_headers_are_the_same_both_ways(
     tmp_path: Path,
     gateways: list[Gateway],
     client: httpx.AsyncClient,
-    ws_upstream: tuple[UpstreamApp, int],
+    upstream: tuple[UpstreamApp, int],
     where: str,
 ) -> None:
     import hashlib
 
-    app, port = ws_upstream
-    up: dict[str, Any] = {"url": f"http://127.0.0.1:{port}"}
-    if where == "controller":
-        up["max_concurrency"] = 4
-    gw = Gateway(tmp_path, {"up": up})
-    gateways.append(gw)
-    await gw.ready(client)
-    if where == "worker":
-        await served_by_a_worker(client, gw, "/services/up/x")
+    app, port = upstream
+    gw = await gateway_for(where, tmp_path, gateways, client, port)
     # the headers the upstream sees, and those the client gets back
     app.seen.clear()
     r = await client.get(
