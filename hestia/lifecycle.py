@@ -209,6 +209,22 @@ class Service:
             lim.release()
             raise
 
+    def acquire_now(self) -> Upstream | None:
+        """acquire() when it need not wait: the slot and the upstream at once, with no
+        coroutine; None, taking nothing, when a request would wait (for a start, a stop, or
+        a max_concurrency slot)."""
+        upstream = self.upstream
+        if upstream is None or self.state is not State.READY:
+            return None
+        lim = self._limiter
+        if lim.capacity is not None and (lim.in_use >= lim.capacity or lim._waiters):
+            return None
+        lim.in_use += 1
+        if self.warmth.auto and not self.in_flight:
+            self.warmth.note_gap(time.monotonic() - self.last_activity)
+        self.in_flight += 1
+        return upstream
+
     def release(self, touch: bool = True) -> None:
         """The request ended. `touch=False`: it does not count as activity (a request the
         wake filter ignores, e.g. an uptime checker's)."""
@@ -216,14 +232,6 @@ class Service:
         if touch:
             self.last_activity = time.monotonic()
         self._limiter.release()
-
-    @property
-    def must_wait(self) -> bool:
-        """A request now would wait (for a start, a stop, or a max_concurrency slot)."""
-        if self.state is not State.READY or self.upstream is None:
-            return True
-        lim = self._limiter
-        return lim.capacity is not None and (lim.in_use >= lim.capacity or bool(lim._waiters))
 
     def note_refusal(self, code: str) -> None:
         self._count(code)

@@ -111,15 +111,17 @@ class JsonAccessLog:
             micros = 999_999
         e_method = _escape(method)
         e_path = _escape(path)
+        # (the numbers are ints and floats by their types: no int() around them)
         self._lines.append(
             f'{{"ts": "{self._stamp}.{micros:06d}{self._zone}", "level": "info", '
             # escaping works character by character: msg is made of the escaped parts
-            f'"msg": {e_method[:-1]} {e_path[1:-1]} -> {int(status)}", '
-            f'"logger": "{__name__}", "event": "access", '
+            f'"msg": {e_method[:-1]} {e_path[1:-1]} -> {status}", '
+            f'"logger": "hestia.proxy", "event": "access", '
             f'"request_id": {_escape(request_id)}, "service": {_escape(service)}, '
-            f'"method": {e_method}, "path": {e_path}, "status": {int(status)}, '
-            f'"duration_ms": {duration_ms:.3f}, "bytes_in": {int(bytes_in)}, '
-            f'"bytes_out": {int(bytes_out)}, "waited_ms": {waited_ms:.3f}, '
+            f'"method": {e_method}, "path": {e_path}, "status": {status}, '
+            f'"duration_ms": {duration_ms:.3f}, "bytes_in": {bytes_in}, '
+            f'"bytes_out": {bytes_out}, '
+            f'"waited_ms": {format(waited_ms, ".3f") if waited_ms else "0.000"}, '
             f'"cold_start": {"true" if cold_start else "false"}, '
             f'"client": {"null" if client is None else _escape(client)}}}\n'
         )
@@ -221,7 +223,8 @@ class Proxy:
                         service=name,
                         retry_after=60,
                     )
-            if service.must_wait:
+            upstream = service.acquire_now()
+            if upstream is None:  # it must wait (for a start, a stop, a slot)
                 cold = service.state is not State.READY
                 if await self._answered_while_not_ready(scope, send, service, ex):
                     self._finish(scope, name, ex, t0, waited, cold, None)
@@ -229,8 +232,6 @@ class Proxy:
                 upstream = await self._acquire_watching(scope, service)
                 waited = time.perf_counter() - t0
                 self._metrics.service(name).record_wait(waited)
-            else:
-                upstream = await service.acquire()
         except HestiaError as err:
             await self._refuse(scope, send, ex, err, metrics_name, t0, waited, cold)
             return
@@ -420,7 +421,9 @@ class Proxy:
         headers.append((b"x-request-id", ex.request_id))
         task = asyncio.current_task()
         assert task is not None
-        watch = _DisconnectWatch(receive, task, ex, body_pending=has_body)
+        extensions = scope.get("extensions") or _NO_EXTENSIONS
+        respond = extensions.get("hestia.respond")
+        watch = _DisconnectWatch(receive, task, ex, has_body, extensions.get("hestia.on_gone"))
         try:
             body = watch.request_body() if has_body else None
             try:
@@ -474,6 +477,23 @@ class Proxy:
                 resp_headers = downstream_response_headers(resp.headers, upstream, route)
                 resp_headers.append((b"x-request-id", ex.request_id))
                 ex.status = resp.status
+                if respond is not None:
+                    # the whole body is often in already (it came with the head): then the
+                    # response goes out in one call and one write, with no message dicts
+                    whole = resp.body_if_complete()
+                    if whole is not None:
+                        ex.bytes_out += len(whole)
+                        watch.stop()
+                        if not respond(resp.status, resp_headers, whole):
+                            await send(
+                                {
+                                    "type": "http.response.start",
+                                    "status": resp.status,
+                                    "headers": resp_headers,
+                                }
+                            )
+                            await send({"type": "http.response.body", "body": whole})
+                        return None
                 await send(
                     {"type": "http.response.start", "status": resp.status, "headers": resp_headers}
                 )
@@ -527,6 +547,7 @@ async def _answer(
 
 
 _RETRY = object()
+_NO_EXTENSIONS: dict[str, Any] = {}
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
@@ -557,16 +578,21 @@ def _request_id(headers: list[tuple[bytes, bytes]]) -> bytes:
 
 
 class _DisconnectWatch:
-    """Notices a client going away during a long request and cancels the handler task.
+    """Notices a client going away during a request and cancels the handler task.
 
-    The watcher task is created only once the request has lasted _DISCONNECT_WATCH_AFTER_S
-    and its body has been read (uvicorn's receive() then returns only http.disconnect).
+    Under Hestia's server the `hestia.on_gone` extension calls it back when the connection is
+    lost: no timer, future or task per request. Elsewhere (another ASGI server) a watcher task
+    that reads `receive()` is started once the request has lasted _DISCONNECT_WATCH_AFTER_S
+    and its body has been read. While the request body is still being read, the body's own
+    `receive()` sees the disconnect instead.
     """
 
     __slots__ = (
         "_body_pending",
         "_ex",
+        "_gone_early",
         "_handle",
+        "_on_gone",
         "_receive",
         "_task",
         "_watcher",
@@ -574,17 +600,40 @@ class _DisconnectWatch:
     )
 
     def __init__(
-        self, receive: Receive, task: asyncio.Task[Any], ex: _Exchange, body_pending: bool
+        self,
+        receive: Receive,
+        task: asyncio.Task[Any],
+        ex: _Exchange,
+        body_pending: bool,
+        on_gone: Callable[[Callable[[], None] | None], bool] | None = None,
     ) -> None:
         self._receive = receive
         self._ex = ex
         self._task = task
         self._body_pending = body_pending
         self._watcher: asyncio.Task[None] | None = None
+        self._handle: asyncio.TimerHandle | None = None
+        self._gone_early = False
         self.disconnected = False
-        self._handle: asyncio.TimerHandle | None = asyncio.get_running_loop().call_later(
-            _DISCONNECT_WATCH_AFTER_S, self._arm
-        )
+        self._on_gone = on_gone
+        if on_gone is not None:
+            if not on_gone(self._client_gone):
+                self._gone_early = True  # gone already: the first await is cancelled
+                self._cancel_soon()
+            return
+        self._handle = asyncio.get_running_loop().call_later(_DISCONNECT_WATCH_AFTER_S, self._arm)
+
+    def _client_gone(self) -> None:
+        if self._body_pending:
+            self._gone_early = True  # the body's receive() says so; if not, its end does
+            return
+        self.disconnected = True
+        self._task.cancel()
+
+    def _cancel_soon(self) -> None:
+        if not self._body_pending:
+            self.disconnected = True
+            self._task.cancel()
 
     def _arm(self) -> None:
         self._handle = None
@@ -618,8 +667,16 @@ class _DisconnectWatch:
                     return
         finally:
             self._body_pending = False
+            if self._gone_early and not self.disconnected:
+                # the client left while its body was read, yet the body ended cleanly
+                self.disconnected = True
+                self._task.cancel()
 
     def stop(self) -> None:
+        on_gone = self._on_gone
+        if on_gone is not None:
+            self._on_gone = None
+            on_gone(None)
         if self._handle is not None:
             self._handle.cancel()
             self._handle = None

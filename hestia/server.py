@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import deque
 from collections.abc import Callable, Iterator
 from types import FrameType
 from typing import Any
@@ -45,7 +46,6 @@ from uvicorn.protocols.http.httptools_impl import (
     HEADER_VALUE_RE,
     STATUS_LINE,
     HttpToolsProtocol,
-    RequestResponseCycle,
 )
 
 from hestia.config import ServerLimits, ServerTimeouts
@@ -174,6 +174,15 @@ class _CoalescingTransport:
         for data in lines:
             self.write(data)
 
+    def send_all(self, parts: tuple[bytes, ...]) -> None:
+        """Write what is held and `parts` now, in one writev."""
+        held = self._held
+        if held is not None:
+            self._held = None
+            self._t.writelines((held, *parts))
+        else:
+            self._t.writelines(parts)
+
     def _flush(self) -> None:
         self._scheduled = False
         held = self._held
@@ -207,12 +216,103 @@ class _CoalescingTransport:
         return getattr(self._t, name)
 
 
-class _Cycle(RequestResponseCycle):
-    """uvicorn's request/response cycle with Date sent only when the app sent none, and the
-    `hestia.abort` and `hestia.gone` extensions."""
+class _Cycle:
+    """One request and its response: uvicorn 0.54's `RequestResponseCycle`, made leaner for a
+    proxy, with the `hestia.abort`, `hestia.gone` and `hestia.on_gone` extensions.
 
-    _gone: asyncio.Future[None] | None = None
+    What differs from uvicorn's: Date is sent only when the app sent none (a proxied response
+    carries its upstream's); no uvicorn access log (Hestia has its own); the response head's
+    header names and values are checked with one search each over all of them instead of two
+    per header; `receive()` waits on a future made only when it has to wait (uvicorn makes an
+    `asyncio.Event` per request, which a proxied GET never waits on), and returns only with
+    body bytes, the end of the body (once), or the disconnect; `__slots__`.
+    """
 
+    __slots__ = (
+        "_body_done",
+        "_gone",
+        "_on_gone",
+        "_waiter",
+        "body",
+        "chunked_encoding",
+        "default_headers",
+        "disconnected",
+        "expected_content_length",
+        "flow",
+        "keep_alive",
+        "logger",
+        "more_body",
+        "on_response",
+        "response_complete",
+        "response_started",
+        "scope",
+        "transport",
+        "waiting_for_100_continue",
+    )
+
+    def __init__(
+        self,
+        scope: Any,
+        transport: Any,
+        flow: Any,
+        logger: Any,
+        default_headers: list[tuple[bytes, bytes]],
+        expect_100_continue: bool,
+        keep_alive: bool,
+        on_response: Callable[[], None],
+    ) -> None:
+        self.scope = scope
+        self.transport = transport
+        self.flow = flow
+        self.logger = logger
+        self.default_headers = default_headers
+        self.on_response = on_response
+        self.disconnected = False
+        self.keep_alive = keep_alive
+        self.waiting_for_100_continue = expect_100_continue
+        self.body = b""
+        self.more_body = True
+        self._body_done = False  # the message with more_body False was handed out
+        self.response_started = False
+        self.response_complete = False
+        self.chunked_encoding: bool | None = None
+        self.expected_content_length = 0
+        # receive()'s waiter, or a list of them when several tasks wait at once
+        self._waiter: asyncio.Future[None] | list[asyncio.Future[None]] | None = None
+        self._gone: asyncio.Future[None] | None = None
+        self._on_gone: Callable[[], None] | None = None
+
+    # ------------------------------------------------------------------ protocol side
+    def wake(self) -> None:
+        """Something `receive()` may be waiting for happened (body bytes, the end of the
+        body, the disconnect, the end of the response)."""
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if isinstance(waiter, list):  # several tasks waited in receive() at once
+                for one in waiter:
+                    if not one.done():
+                        one.set_result(None)
+            elif not waiter.done():
+                waiter.set_result(None)
+
+    def add_body(self, body: bytes) -> int:
+        """Body bytes from the parser; returns how many are buffered now."""
+        buffered = self.body
+        self.body = buffered = buffered + body if buffered else body
+        self.wake()
+        return len(buffered)
+
+    def client_left(self) -> None:
+        gone = self._gone
+        if gone is not None and not gone.done():
+            gone.set_result(None)
+        on_gone = self._on_gone
+        if on_gone is not None:
+            self._on_gone = None
+            on_gone()
+
+    # ------------------------------------------------------------------ extensions
     def gone(self) -> asyncio.Future[None]:
         """`scope["extensions"]["hestia.gone"]()`: a future done when the client goes away.
 
@@ -225,29 +325,172 @@ class _Cycle(RequestResponseCycle):
                 self._gone.set_result(None)
         return self._gone
 
-    def client_left(self) -> None:
-        gone = self._gone
-        if gone is not None and not gone.done():
-            gone.set_result(None)
+    def on_gone(self, callback: Callable[[], None] | None) -> bool:
+        """`scope["extensions"]["hestia.on_gone"](callback)`: call `callback` (once, from the
+        event loop) when the client goes away before the response is complete; None takes it
+        back. Returns False, calling nothing, when the client is gone already. Costs no
+        future, timer or task: the data plane's disconnect watch."""
+        if callback is not None and self.disconnected:
+            return False
+        self._on_gone = callback
+        return True
 
     def abort(self) -> None:
         """`scope["extensions"]["hestia.abort"]()`: cut the client's connection now.
 
         For a response that cannot be finished (its upstream broke off mid-body): the client
         sees an incomplete response (a chunked body without its last chunk, or fewer bytes than
-        Content-Length), and the app may return normally afterwards without uvicorn logging an
-        error about an unfinished response."""
+        Content-Length), and the app may return normally afterwards without an error logged
+        about an unfinished response."""
         if self.response_complete or self.disconnected:
             return
         self.disconnected = True  # later sends are dropped; run_asgi logs nothing
         self.keep_alive = False
-        self.message_event.set()
+        self._on_gone = None
+        self.wake()
         self.scope["extensions"].clear()
         self.transport.abort()
 
-    # uvicorn 0.54's send(), with Date added only when the app's headers have none (a proxied
-    # response carries its upstream's Date) and without uvicorn's access log (Hestia has its own
-    # and disables uvicorn's).
+    # ------------------------------------------------------------------ ASGI
+    async def run_asgi(self, app: ASGIApp) -> None:
+        try:
+            result = await app(self.scope, self.receive, self.send)  # type: ignore[func-returns-value]
+        except BaseException as exc:
+            self.logger.error("Exception in ASGI application\n", exc_info=exc)
+            if not self.response_started:
+                await self.send_500_response()
+            else:
+                self.transport.close()
+        else:
+            if result is not None:
+                self.logger.error("ASGI callable should return None, but returned '%s'.", result)
+                self.transport.close()
+            elif not self.response_started and not self.disconnected:
+                self.logger.error("ASGI callable returned without starting response.")
+                await self.send_500_response()
+            elif not self.response_complete and not self.disconnected:
+                self.logger.error("ASGI callable returned without completing response.")
+                self.transport.close()
+        finally:
+            self.on_response = _nothing
+            self._on_gone = None
+
+    async def send_500_response(self) -> None:
+        await self.send(
+            {
+                "type": "http.response.start",
+                "status": 500,
+                "headers": [
+                    (b"content-type", b"text/plain; charset=utf-8"),
+                    (b"content-length", b"21"),
+                    (b"connection", b"close"),
+                ],
+            }
+        )
+        await self.send(
+            {"type": "http.response.body", "body": b"Internal Server Error", "more_body": False}
+        )
+
+    def _head(self, status_code: int, headers: Any) -> bytes:
+        """The response head for `http.response.start`; sets the framing and keep-alive.
+        RuntimeError, with no response started, for a header that could split the response:
+        the app then gets uvicorn's plain 500 instead."""
+        content = [STATUS_LINE[status_code]]
+        names = []
+        values = []
+        has_connection_close = False
+        has_date = False
+        for name, value in headers:
+            names.append(name)
+            values.append(value)
+            name = name.lower()
+            if name == b"content-length" and self.chunked_encoding is None:
+                self.expected_content_length = int(value.decode())
+                self.chunked_encoding = False
+            elif name == b"transfer-encoding" and value.lower() == b"chunked":
+                self.expected_content_length = 0
+                self.chunked_encoding = True
+            elif name == b"connection":
+                connection = [token.lower().strip() for token in value.split(b",")]
+                if b"close" in connection:
+                    self.keep_alive = False
+                    has_connection_close = True
+            elif name == b"date":
+                has_date = True
+            content += (name, b": ", value, b"\r\n")
+        # one search over all the names and one over all the values: a name or a value that
+        # could end its line early (response splitting) is refused all the same
+        if HEADER_RE.search(b"".join(names)) or HEADER_VALUE_RE.search(b"".join(values)):
+            self.chunked_encoding = None
+            self.expected_content_length = 0
+            which = "name" if HEADER_RE.search(b"".join(names)) else "value"
+            raise RuntimeError(f"Invalid HTTP header {which}.")
+        self.response_started = True
+        self.waiting_for_100_continue = False
+        for name, value in self.default_headers:
+            if not has_date or name != b"date":
+                content += (name, b": ", value, b"\r\n")
+
+        if not self.keep_alive and not has_connection_close:
+            content.append(b"connection: close\r\n")
+
+        if (
+            self.chunked_encoding is None
+            and self.scope["method"] != "HEAD"
+            and status_code not in (204, 304)
+        ):
+            self.chunked_encoding = True
+            content.append(b"transfer-encoding: chunked\r\n")
+
+        content.append(b"\r\n")
+        return b"".join(content)
+
+    def _body(self, body: bytes, more_body: bool) -> bytes | list[bytes]:
+        """What goes on the wire for a body message (checked against Content-Length)."""
+        if self.scope["method"] == "HEAD":
+            self.expected_content_length = 0
+            return b""
+        if self.chunked_encoding:
+            chunk = [b"%x\r\n" % len(body), body, b"\r\n"] if body else []
+            if not more_body:
+                chunk.append(b"0\r\n\r\n")
+            return chunk
+        num_bytes = len(body)
+        if num_bytes > self.expected_content_length:
+            raise RuntimeError("Response content longer than Content-Length")
+        self.expected_content_length -= num_bytes
+        return body
+
+    def _complete(self) -> None:
+        if self.expected_content_length != 0:
+            raise RuntimeError("Response content shorter than Content-Length")
+        self.response_complete = True
+        self._on_gone = None
+        self.wake()
+        self.scope["extensions"].clear()  # no abort now; and no reference cycle
+        if not self.keep_alive:
+            self.transport.close()
+        self.on_response()
+
+    def respond(self, status: int, headers: Any, body: bytes) -> bool:
+        """`scope["extensions"]["hestia.respond"](status, headers, body)`: a whole response
+        at once, as `http.response.start` and one last `http.response.body` would send it,
+        head and body in one write; for a proxied response whose body is all in already.
+        False, with nothing sent, when it cannot be sent that way now (a response has
+        started, or the client reads too slowly): send the messages then."""
+        if self.response_started or self.flow.write_paused:
+            return False
+        if self.disconnected:
+            return True
+        head = self._head(status, headers)
+        data = self._body(body, False)
+        if isinstance(data, list):
+            self.transport.send_all((head, *data))
+        else:
+            self.transport.send_all((head, data))
+        self._complete()
+        return True
+
     async def send(self, message: Any) -> None:
         if self.flow.write_paused and not self.disconnected:
             await self.flow.drain()
@@ -260,85 +503,21 @@ class _Cycle(RequestResponseCycle):
                 raise RuntimeError(
                     f"Expected ASGI message 'http.response.start', but got '{message['type']}'."
                 )
-            self.response_started = True
-            self.waiting_for_100_continue = False
-
-            status_code = message["status"]
-            content = [STATUS_LINE[status_code]]
-            has_connection_close = False
-            has_date = False
-            for name, value in message.get("headers", ()):
-                if HEADER_RE.search(name):
-                    raise RuntimeError("Invalid HTTP header name.")
-                if HEADER_VALUE_RE.search(value):
-                    raise RuntimeError("Invalid HTTP header value.")
-                name = name.lower()
-                if name == b"content-length" and self.chunked_encoding is None:
-                    self.expected_content_length = int(value.decode())
-                    self.chunked_encoding = False
-                elif name == b"transfer-encoding" and value.lower() == b"chunked":
-                    self.expected_content_length = 0
-                    self.chunked_encoding = True
-                elif name == b"connection":
-                    connection = [token.lower().strip() for token in value.split(b",")]
-                    if b"close" in connection:
-                        self.keep_alive = False
-                        has_connection_close = True
-                elif name == b"date":
-                    has_date = True
-                content += (name, b": ", value, b"\r\n")
-            for name, value in self.default_headers:
-                if not has_date or name != b"date":
-                    content += (name, b": ", value, b"\r\n")
-
-            if not self.keep_alive and not has_connection_close:
-                content.append(b"connection: close\r\n")
-
-            if (
-                self.chunked_encoding is None
-                and self.scope["method"] != "HEAD"
-                and status_code not in (204, 304)
-            ):
-                self.chunked_encoding = True
-                content.append(b"transfer-encoding: chunked\r\n")
-
-            content.append(b"\r\n")
-            self.transport.write(b"".join(content))
+            self.transport.write(self._head(message["status"], message.get("headers", ())))
 
         elif not self.response_complete:
             if message["type"] != "http.response.body":
                 raise RuntimeError(
                     f"Expected ASGI message 'http.response.body', but got '{message['type']}'."
                 )
-            body = message.get("body", b"")
             more_body = message.get("more_body", False)
-
-            if self.scope["method"] == "HEAD":
-                self.expected_content_length = 0
-            elif self.chunked_encoding:
-                if body:
-                    chunk = [b"%x\r\n" % len(body), body, b"\r\n"]
-                else:
-                    chunk = []
-                if not more_body:
-                    chunk.append(b"0\r\n\r\n")
-                self.transport.write(b"".join(chunk))
+            data = self._body(message.get("body", b""), more_body)
+            if isinstance(data, list):
+                self.transport.write(b"".join(data))
             else:
-                num_bytes = len(body)
-                if num_bytes > self.expected_content_length:
-                    raise RuntimeError("Response content longer than Content-Length")
-                self.expected_content_length -= num_bytes
-                self.transport.write(body)
-
+                self.transport.write(data)
             if not more_body:
-                if self.expected_content_length != 0:
-                    raise RuntimeError("Response content shorter than Content-Length")
-                self.response_complete = True
-                self.message_event.set()
-                self.scope["extensions"].clear()  # no abort now; and no reference cycle
-                if not self.keep_alive:
-                    self.transport.close()
-                self.on_response()
+                self._complete()
 
         else:
             raise RuntimeError(
@@ -346,12 +525,50 @@ class _Cycle(RequestResponseCycle):
                 "completed."
             )
 
+    async def receive(self) -> Any:
+        if self.waiting_for_100_continue and not self.transport.is_closing():
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            self.waiting_for_100_continue = False
+
+        if not self.disconnected and not self.response_complete:
+            self.flow.resume_reading()
+            # after the body's end was handed out, receive() waits for the disconnect (or
+            # the end of the response), as uvicorn's does: a loop that listens for the
+            # disconnect (Starlette's) must not get the end of the body over and over
+            while self._body_done or (not self.body and self.more_body):
+                waiter = asyncio.get_running_loop().create_future()
+                pending = self._waiter
+                if pending is None:
+                    self._waiter = waiter
+                elif isinstance(pending, list):
+                    pending.append(waiter)
+                else:
+                    self._waiter = [pending, waiter]
+                await waiter
+                if self.disconnected or self.response_complete:
+                    break
+
+        if self.disconnected or self.response_complete:
+            return {"type": "http.disconnect"}
+        body = self.body
+        self.body = b""
+        more_body = self.more_body
+        if not more_body:
+            self._body_done = True
+        return {"type": "http.request", "body": body, "more_body": more_body}
+
+
+def _nothing() -> None:
+    pass
+
 
 class _HttpProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol on a _CoalescingTransport, with the guards described in the
     module docstring. `build_server` makes a subclass per server that sets `server_guard`."""
 
     server_guard: ConnectionGuard
+    cycle: _Cycle  # type: ignore[assignment]
+    pipeline: deque[tuple[_Cycle, ASGIApp]]  # type: ignore[assignment]
 
     # ------------------------------------------------------------------ connection
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -381,9 +598,19 @@ class _HttpProtocol(HttpToolsProtocol):
         guard.conns.add(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        super().connection_lost(exc)
+        # uvicorn's, for our _Cycle (its keep-alive timer is never armed here)
+        self.connections.discard(self)
         cycle = self.cycle
-        if isinstance(cycle, _Cycle):
+        if cycle is not None:
+            if not cycle.response_complete:
+                cycle.disconnected = True
+            cycle.wake()
+        if self.flow is not None:
+            self.flow.resume_writing()
+        if exc is None:
+            self.transport.close()
+        self.parser = None  # type: ignore[assignment]
+        if cycle is not None:
             cycle.client_left()
         self._phase = _DONE
         slot = self._slot
@@ -510,31 +737,44 @@ class _HttpProtocol(HttpToolsProtocol):
         if parser.should_upgrade() and self._should_upgrade():
             return
         self.headers = _TRAILERS
-        parsed_url = httptools.parse_url(url)
-        raw_path = parsed_url.path
+        if url[0] == 47 and b"#" not in url:  # origin form: "/path?query", split here
+            raw_path, _, query = url.partition(b"?")
+        else:
+            parsed_url = httptools.parse_url(url)
+            raw_path = parsed_url.path
+            query = parsed_url.query or b""
         path = raw_path.decode("ascii")
         if "%" in path:
             path = unquote(path)
-        self.scope["path"] = self.root_path + path
-        self.scope["raw_path"] = self.root_path.encode("ascii") + raw_path
-        self.scope["query_string"] = parsed_url.query or b""
+        scope = self.scope
+        root = self.root_path
+        if root:
+            scope["path"] = root + path
+            scope["raw_path"] = root.encode("ascii") + raw_path
+        else:
+            scope["path"] = path
+            scope["raw_path"] = raw_path
+        scope["query_string"] = query
 
         existing_cycle = self.cycle
-        self.cycle = cycle = _Cycle(
-            scope=self.scope,
-            transport=self.transport,
-            flow=self.flow,
-            logger=self.logger,
-            access_logger=self.access_logger,
-            access_log=False,
-            default_headers=self.server_state.default_headers,
-            message_event=asyncio.Event(),
-            expect_100_continue=self.expect_100_continue,
-            keep_alive=http_version != "1.0" and parser.should_keep_alive(),
-            on_response=self.on_response_complete,
+        cycle = _Cycle(
+            self.scope,
+            self.transport,
+            self.flow,
+            self.logger,
+            self.server_state.default_headers,
+            self.expect_100_continue,
+            http_version != "1.0" and parser.should_keep_alive(),
+            self.on_response_complete,
         )
+        self.cycle = cycle
         # scope -> abort -> cycle -> scope is a reference cycle: _Cycle breaks it at the end
-        extensions: Any = {"hestia.abort": cycle.abort, "hestia.gone": cycle.gone}
+        extensions: Any = {
+            "hestia.abort": cycle.abort,
+            "hestia.gone": cycle.gone,
+            "hestia.on_gone": cycle.on_gone,
+            "hestia.respond": cycle.respond,
+        }
         self.scope["extensions"] = extensions
         if existing_cycle is None or existing_cycle.response_complete:
             self._start_asgi_task(cycle, self.app)
@@ -543,16 +783,20 @@ class _HttpProtocol(HttpToolsProtocol):
             self.flow.pause_reading()
             self.pipeline.appendleft((cycle, self.app))
 
+    def _start_asgi_task(self, cycle: _Cycle, app: ASGIApp) -> None:  # type: ignore[override]
+        # uvicorn's, without its opt-in `reset_contextvars` (not set here)
+        task = self.loop.create_task(cycle.run_asgi(app))
+        task.add_done_callback(self.tasks.discard)
+        self.tasks.add(task)
+
     def on_body(self, body: bytes) -> None:
         self._unbody = 0
         if (
             self.parser.should_upgrade() and self._should_upgrade()
         ) or self.cycle.response_complete:
             return
-        self.cycle.body += body
-        if len(self.cycle.body) > 65536:  # uvicorn's HIGH_WATER_LIMIT
+        if self.cycle.add_body(body) > 65536:  # uvicorn's HIGH_WATER_LIMIT
             self.flow.pause_reading()
-        self.cycle.message_event.set()
 
     def on_message_complete(self) -> None:
         self._phase = _IDLE
@@ -561,7 +805,7 @@ class _HttpProtocol(HttpToolsProtocol):
         ) or self.cycle.response_complete:
             return
         self.cycle.more_body = False
-        self.cycle.message_event.set()
+        self.cycle.wake()
 
     def on_response_complete(self) -> None:
         self.server_state.total_requests += 1
@@ -635,7 +879,7 @@ class _HttpProtocol(HttpToolsProtocol):
             if not cycle.response_complete:
                 cycle.disconnected = True
                 cycle.waiting_for_100_continue = False
-                cycle.message_event.set()
+                cycle.wake()
             if cycle.response_started:  # this request has (part of) an answer: no second one
                 self.transport.close()
                 return

@@ -911,6 +911,20 @@ class UpstreamResponse:
         """False for responses that cannot carry a body (HEAD, 204, 304)."""
         return self._has_body
 
+    def body_if_complete(self) -> bytes | None:
+        """The whole body when all of it has been received already (the connection goes
+        back to the pool at once), b"" for a response without a body; else None, taking
+        nothing: read it with :meth:`read_chunks` then."""
+        conn = self._conn
+        if conn is None:
+            return b""
+        if conn.phase is not _P_DONE:
+            return None
+        data = conn.read_body()
+        self._conn = None
+        self._pool._release(conn)
+        return data or b""
+
     def read_chunks(self) -> AsyncIterator[bytes]:
         """Iterate over the (de-chunked) body bytes as they arrive, up to the end of the body.
 

@@ -56,7 +56,6 @@ class _RemoteService:
     """The part of `lifecycle.Service` the proxy uses, for a service the controller says is
     ready: no waiting, and in-flight counts kept for the reports."""
 
-    must_wait = False
     wake = None
 
     def __init__(self, worker: Worker, name: str, entry: dict[str, Any]) -> None:
@@ -72,11 +71,14 @@ class _RemoteService:
         connect, headers, body = entry["timeouts"]
         self.timeouts = UpstreamTimeouts(connect, headers, body)
 
-    async def acquire(self) -> Upstream:
+    def acquire_now(self) -> Upstream:
         busy = self._worker.busy
         busy[self.name] = busy.get(self.name, 0) + 1
         self._worker.dirty = True  # reported within REPORT_S: a long request shows as busy
         return self.upstream
+
+    async def acquire(self) -> Upstream:
+        return self.acquire_now()
 
     def release(self, touch: bool = True) -> None:
         busy = self._worker.busy

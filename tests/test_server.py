@@ -35,6 +35,9 @@ class App:
     def __init__(self) -> None:
         self.scopes: list[Scope] = []
         self.disconnects = 0
+        self.gone: list[str] = []
+        self.received: list[str] = []
+        self.waiting = asyncio.Event()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -59,6 +62,54 @@ class App:
             await send({"type": "http.response.body", "body": b"partial", "more_body": True})
             if path == "/abort":
                 scope["extensions"]["hestia.abort"]()
+            return
+        if path.startswith("/respond"):  # the whole response in one call (hestia.respond)
+            headers = [(b"x-app", b"1")]
+            if path == "/respond":
+                headers.append((b"content-length", b"5"))
+            if path == "/respond-bad":
+                headers.append((b"x-split", b"a\r\nx-injected: 1"))
+            respond = scope["extensions"]["hestia.respond"]
+            assert respond(200, headers, b"hello")
+            # the response is complete: a second one is refused, nothing is sent
+            assert not respond(200, [], b"again")
+            return
+        if path == "/bad-name":
+            start = {"type": "http.response.start", "status": 200, "headers": [(b"a b", b"1")]}
+            await send(start)
+            return
+        if path == "/bad-value":
+            headers = [(b"x-ok", b"1"), (b"x-split", b"a\r\nx-injected: 1")]
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            return
+        if path == "/on-gone":  # waits for ever; says when the client has gone
+            on_gone = scope["extensions"]["hestia.on_gone"]
+            assert on_gone(lambda: self.gone.append("kept"))
+            await asyncio.sleep(0)
+            assert on_gone(lambda: self.gone.append("replaced"))
+            taken_back = asyncio.get_running_loop().create_future()
+            assert on_gone(None)  # taken back: not called
+            on_gone(lambda: self.gone.append("called"))
+            self.waiting.set()
+            await taken_back
+            return
+        if path == "/listen":  # reads the (empty) body, then listens for the disconnect
+            while True:
+                msg = await receive()
+                self.received.append(msg["type"])
+                self.waiting.set()
+                if msg["type"] == "http.disconnect" or len(self.received) > 100:
+                    return
+        if path == "/two-receivers":  # two tasks wait in receive() for the same body
+            tasks = {asyncio.ensure_future(receive()), asyncio.ensure_future(receive())}
+            done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            first = done.pop().result()
+            start = {"type": "http.response.start", "status": 200, "headers": []}
+            await send(start)
+            await send({"type": "http.response.body", "body": first["body"]})
+            self.received.append(first["type"])
+            for task in done | pending:  # the other one: the disconnect, once answered
+                self.received.append((await task)["type"])
             return
         if path == "/early":  # answers without reading the body
             await send({"type": "http.response.start", "status": 204, "headers": []})
@@ -632,6 +683,81 @@ async def test_abort_leaves_a_client_what_was_sent(serve: StartServer) -> None:
             data += chunk
     assert data.startswith(b"HTTP/1.1 200 OK\r\n")
     assert data.endswith(b"\r\n\r\n7\r\npartial\r\n")  # and no last chunk: curl says exit 18
+
+
+async def test_respond_extension_sends_a_whole_response_in_one_go(serve: StartServer) -> None:
+    served = await serve()
+    conn = await Conn.open(served.port)
+    for path in ("/respond", "/respond-chunked"):  # Content-Length, or chunked without one
+        await conn.send(get(path))
+        resp = await conn.response()
+        assert (resp.status, resp.body, resp.header("x-app")) == (200, b"hello", ["1"])
+        assert len(resp.header("date")) == 1
+    assert resp.header("transfer-encoding") == ["chunked"]
+    # HEAD: the head alone, the connection stays usable
+    await conn.send(b"HEAD /respond HTTP/1.1\r\nHost: gw\r\n\r\n")
+    head = await asyncio.wait_for(conn.reader.readuntil(b"\r\n\r\n"), 10)
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n") and b"content-length: 5\r\n" in head
+    await conn.send(get("/plain"))
+    assert (await conn.response()).status == 200
+    conn.close()
+
+
+@pytest.mark.parametrize("path", ["/bad-name", "/bad-value", "/respond-bad"])
+async def test_a_header_that_could_split_the_response_is_never_sent(
+    serve: StartServer, path: str, warnings_log: list[Any]
+) -> None:
+    served = await serve()
+    conn = await Conn.open(served.port)
+    await conn.send(get(path))
+    resp = await conn.response()
+    # the app's head is refused as a whole: a plain 500, nothing of it on the wire
+    assert resp.status == 500
+    assert resp.header("x-injected") == resp.header("x-ok") == resp.header("x-app") == []
+    conn.close()
+    await wait_for(lambda: bool(warnings_log), 5, "the error log line")
+    assert "Exception in ASGI application" in warnings_log[0]["message"]
+
+
+async def test_on_gone_extension_calls_back_once_the_client_has_left(serve: StartServer) -> None:
+    served = await serve()
+    conn = await Conn.open(served.port)
+    await conn.send(get("/on-gone"))
+    await asyncio.wait_for(served.app.waiting.wait(), 10)
+    assert served.app.gone == []
+    conn.close()
+    await wait_for(lambda: bool(served.app.gone), 5, "the on_gone callback")
+    await asyncio.sleep(0.05)
+    assert served.app.gone == ["called"]  # the last one registered, once
+
+
+async def test_two_tasks_waiting_in_receive_both_hear_of_the_body(serve: StartServer) -> None:
+    served = await serve()
+    conn = await Conn.open(served.port)
+    await conn.send(b"POST /two-receivers HTTP/1.1\r\nHost: gw\r\nContent-Length: 3\r\n\r\n")
+    await asyncio.sleep(0.1)  # both are waiting by now (if not, they find the body at once)
+    await conn.send(b"abc")
+    resp = await conn.response()
+    # one took the body; the other (woken too) waits on, as ASGI wants once the body is
+    # taken, and hears http.disconnect when the response is complete
+    assert (resp.status, resp.body) == (200, b"abc")
+    await wait_for(lambda: len(served.app.received) == 2, 5, "the second receive()")
+    assert served.app.received == ["http.request", "http.disconnect"]
+    conn.close()
+
+
+async def test_receive_after_the_body_waits_for_the_disconnect(serve: StartServer) -> None:
+    """Starlette's disconnect listener calls receive() in a loop: after the body it must
+    wait, not get the end of the body again (which spun the event loop)."""
+    served = await serve()
+    conn = await Conn.open(served.port)
+    await conn.send(get("/listen"))
+    await asyncio.wait_for(served.app.waiting.wait(), 10)
+    await asyncio.sleep(0.2)
+    assert served.app.received == ["http.request"]  # once, then waiting
+    conn.close()
+    await wait_for(lambda: len(served.app.received) == 2, 5, "the disconnect")
+    assert served.app.received == ["http.request", "http.disconnect"]
 
 
 async def test_one_date_header(serve: StartServer) -> None:
