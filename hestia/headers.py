@@ -128,9 +128,12 @@ def upstream_request_headers(
     """
     drop = _DROP_REQUEST
     named: frozenset[bytes] | set[bytes] = _NONE
-    if any(k == b"connection" for k, _ in headers):
-        named = _connection_tokens(headers)
-        drop = drop | named
+    for k, v in headers:  # a plain loop: no generator object per request
+        # "keep-alive" or "close" (what clients send) name nothing more to drop
+        if k == b"connection" and v not in _PLAIN_CONNECTION:
+            named = _connection_tokens(headers)
+            drop = drop | named
+            break
     out: list[tuple[bytes, bytes]] = [(b"host", upstream.host_header)]
     has_body = False
     original_host = b""
@@ -279,6 +282,8 @@ _DROP_RESPONSE = HOP_BY_HOP | {b"x-request-id"}
 # makes a response need more than the one filtering pass.
 _REWRITTEN = frozenset({b"location", b"content-location", b"refresh", b"set-cookie"})
 _SPECIAL_RESPONSE = _REWRITTEN | {b"connection"}
+# Connection values whose tokens are hop-by-hop already
+_PLAIN_CONNECTION = frozenset({b"keep-alive", b"close", b"Keep-Alive", b"Close"})
 
 
 def downstream_response_headers(
@@ -291,10 +296,12 @@ def downstream_response_headers(
     the browser sees."""
     drop = _DROP_RESPONSE
     rewrite = False
-    for k, _ in headers:  # a plain loop: no generator object per response
+    for k, v in headers:  # a plain loop: no generator object per response
         if k in _SPECIAL_RESPONSE:
             if k == b"connection":
-                drop = _DROP_RESPONSE | _connection_tokens(headers)
+                # "keep-alive" or "close" (nearly every response) name nothing more to drop
+                if v not in _PLAIN_CONNECTION:
+                    drop = _DROP_RESPONSE | _connection_tokens(headers)
             else:
                 rewrite = True
     out = [(k, v) for k, v in headers if k not in drop]

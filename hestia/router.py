@@ -30,6 +30,8 @@ _DOTS = frozenset({b".", b"%2e", b"%2E"})
 _DOTDOTS = frozenset(a + b for a in _DOTS for b in _DOTS)
 # raw Host values seen -> service (or None: the gateway's own); bounded, a client picks them
 _HOST_CACHE_MAX = 1024
+_ROUTE_CACHE_MAX = 1024
+_ROUTE_CACHE_KEY_MAX = 256
 
 
 class Route(NamedTuple):
@@ -87,6 +89,7 @@ class Router:
         self._hosts: dict[bytes, str] = {}
         self._keep_prefix: frozenset[str] = frozenset()
         self._seen: dict[bytes, str | None] = {}
+        self._routes: dict[bytes, Route] = {}
 
     def configure(self, hosts: Mapping[str, str], keep_prefix: Iterable[str] = ()) -> None:
         """The routing table: host name (normalized, see `config.normalize_host`) -> service,
@@ -94,6 +97,7 @@ class Router:
         self._hosts = {h.encode("latin-1"): name for h, name in hosts.items()}
         self._keep_prefix = frozenset(keep_prefix)
         self._seen = {}
+        self._routes = {}
 
     @property
     def keep_prefix(self) -> frozenset[str]:
@@ -124,8 +128,12 @@ class Router:
                     if owner is not None:
                         return self._by_host(owner, raw)
                     break
+        route = self._routes.get(raw)
+        if route is not None:
+            return route
         if not raw.startswith(PREFIX):
             return None
+        key = raw
         query = raw.find(b"?")  # ASGI's raw_path has none; a server that sends it anyway
         if query >= 0:
             raw = raw[:query]
@@ -138,8 +146,16 @@ class Router:
                 path = remove_dot_segments(path)
         service = name_b.decode("latin-1")
         if service in self._keep_prefix:
-            return Route(service, prefix + path, prefix, stripped=False)
-        return Route(service, path, prefix)
+            route = Route(service, prefix + path, prefix, stripped=False)
+        else:
+            route = Route(service, path, prefix)
+        # the same paths come again and again (an API's endpoints, a page's assets): their
+        # routes are kept (bounded, and only for short paths)
+        if len(key) <= _ROUTE_CACHE_KEY_MAX:
+            if len(self._routes) >= _ROUTE_CACHE_MAX:
+                self._routes.clear()
+            self._routes[key] = route
+        return route
 
     @staticmethod
     def _by_host(name: str, raw: bytes) -> Route:

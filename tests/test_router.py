@@ -149,3 +149,29 @@ def test_many_distinct_host_values_stay_bounded() -> None:
         router.resolve(_host_scope(b"/", b"h%d.example" % i))
     assert len(router._seen) <= 1024
     assert router.resolve(_host_scope(b"/", b"jupyter.localhost")) is not None
+
+
+def test_routes_are_cached_per_path_and_forgotten_on_configure() -> None:
+    router = Router()
+    scope = _scope(b"/services/based/lab")
+    first = router.resolve(scope)
+    assert first == Route("based", b"/lab", b"/services/based")
+    assert router.resolve(scope) is first  # the cached route
+    # strip_prefix: false for the service now: the cached route must not be used again
+    router.configure({}, keep_prefix={"based"})
+    assert router.resolve(scope) == Route(
+        "based", b"/services/based/lab", b"/services/based", stripped=False
+    )
+    # host names added: they come before any cached path route
+    router.configure({"lab.localhost": "jupyter"}, keep_prefix={"based"})
+    host_scope = _host_scope(b"/services/based/lab", b"lab.localhost")
+    assert router.resolve(host_scope) == Route("jupyter", b"/services/based/lab", b"", by_host=True)
+
+
+def test_the_route_cache_stays_bounded() -> None:
+    router = Router()
+    for i in range(3000):
+        router.resolve(_scope(b"/services/s/%d" % i))
+    router.resolve(_scope(b"/services/s/" + b"x" * 300))  # too long to be kept
+    assert len(router._routes) <= 1024
+    assert all(len(key) <= 256 for key in router._routes)
