@@ -408,6 +408,13 @@ def _auto_workers() -> int:
     return worker_count("auto")
 
 
+def _auto_busy_poll_us() -> float:
+    """What `server.busy_poll: auto` (the default) gives on this machine, in µs."""
+    from hestia.server import busy_poll_seconds
+
+    return busy_poll_seconds("auto") * 1e6
+
+
 def rss_kb(pid: int) -> dict[str, int]:
     out = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -831,6 +838,13 @@ class Bench:
             "hestia-w2",
             {**base, "logging": {"access": True}, "server": {"workers": 2}},
         )
+        # the default with busy polling off (server.busy_poll, hestia/server.py BusyPoll)
+        self.hestia_nopoll = Hestia(
+            self.procs,
+            self.tmp,
+            "hestia-nopoll",
+            {**base, "logging": {"access": True}, "server": {"busy_poll": "off"}},
+        )
         self.baseline: dict[str, Hestia] = {}
         if self.args.baseline:
             root = self._baseline_tree(self.args.baseline)
@@ -845,6 +859,7 @@ class Bench:
             "idle_rss_log_mb": tree_rss_kb(self.hestia.pids()) / 1024,
             "idle_rss_w2_mb": tree_rss_kb(self.hestia_w2.pids()) / 1024,
             "default_workers": _auto_workers(),
+            "default_busy_poll_us": _auto_busy_poll_us(),
             "services": len(services),
         }
         if self.want("small"):
@@ -896,11 +911,13 @@ class Bench:
             "hestia": self.hestia.url("/services/nginx/1k.bin"),
             "hestia_nolog": self.hestia_nolog.url("/services/nginx/1k.bin"),
             "hestia_w2": self.hestia_w2.url("/services/nginx/1k.bin"),
+            "hestia_nopoll": self.hestia_nopoll.url("/services/nginx/1k.bin"),
         }
         gateways = {
             "hestia": self.hestia,
             "hestia_nolog": self.hestia_nolog,
             "hestia_w2": self.hestia_w2,
+            "hestia_nopoll": self.hestia_nopoll,
             **self.baseline,
         }
         for key, h in self.baseline.items():
@@ -1199,6 +1216,7 @@ def report(res: dict[str, Any]) -> tuple[str, list[str]]:
             "hestia": "Hestia, default config (access log on, to a file)",
             "hestia_nolog": "Hestia, access log off",
             "hestia_w2": "Hestia, access log on, `server.workers: 2`",
+            "hestia_nopoll": "Hestia, access log on, `server.busy_poll: off`",
         }
         if "base" in small:
             ref = res.get("baseline", "baseline")
@@ -1428,6 +1446,12 @@ def report(res: dict[str, Any]) -> tuple[str, list[str]]:
                 f"The default `server.workers: auto` is {n} here "
                 f"({'one process' if n == 1 else f'{n} workers and the controller'}); "
                 "RSS figures are summed over the controller and its workers."
+                + (
+                    f" The default `server.busy_poll: auto` is {fp['default_busy_poll_us']:.0f} "
+                    "µs here."
+                    if "default_busy_poll_us" in fp
+                    else ""
+                )
             )
             add("")
         verdicts.append(

@@ -71,6 +71,7 @@ def _serve(args: argparse.Namespace) -> int:
         on_exit=gateway.begin_shutdown if controller is None else controller.begin_shutdown,
         limits=config.server.limits,
         timeouts=config.server.timeouts,
+        busy_poll=config.server.busy_poll,
     )
     if config.auth.enabled:
         logger.info(

@@ -103,6 +103,10 @@ DESCRIPTIONS: dict[str, dict[str, str]] = {
         "container's CPU quota counted, at most 8; one process below 3 CPUs) or N serve ready "
         "services in workers beside this controller; 1 is one process (restart to change)",
         "shutdown_grace": "how long a shutdown lets requests in flight finish",
+        "busy_poll": "poll instead of sleeping for this long after a request arrives or a "
+        "response ends, while at most one request is in flight (lower latency at low "
+        "concurrency): auto (default: 0.1ms with 2 or more CPUs, off with one), off, or a "
+        "duration up to 10ms (e.g. 0.2ms)",
         "limits": "what one client may ask of the server",
         "timeouts": "client connection timeouts",
         "trusted_proxies": "addresses or CIDRs of reverse proxies whose X-Forwarded-* headers "

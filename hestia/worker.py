@@ -384,6 +384,7 @@ def _worker_main(argv: list[str] | None = None) -> int:
         shutdown_grace=config.server.shutdown_grace,
         limits=config.server.limits,
         timeouts=config.server.timeouts,
+        busy_poll=config.server.busy_poll,
     )
     gc.collect()
     gc.freeze()

@@ -21,7 +21,7 @@ from loguru import logger
 
 from hestia.config import ServerLimits, ServerTimeouts
 from hestia.limits import raise_nofile_limit
-from hestia.server import build_server
+from hestia.server import BUSY_POLL_AUTO_S, BusyPoll, build_server, busy_poll_seconds
 from hestia.types import Receive, Scope, Send
 from tests.conftest import free_port, wait_for
 
@@ -141,9 +141,10 @@ class App:
 
 
 class Served:
-    def __init__(self, app: App, port: int) -> None:
+    def __init__(self, app: App, port: int, server: Any) -> None:
         self.app = app
         self.port = port
+        self.server = server
 
 
 StartServer = Callable[..., Awaitable[Served]]
@@ -163,7 +164,7 @@ async def serve() -> AsyncIterator[StartServer]:
         await wait_for(lambda: server.started or task.done(), 20, "the server to listen")
         if task.done():
             task.result()
-        return Served(app, port)
+        return Served(app, port, server)
 
     yield start
     for server, _ in running:
@@ -846,7 +847,7 @@ async def test_hestia_serve_refuses_an_endless_header_line_in_bounded_memory(
     hestia_serve: tuple[subprocess.Popen[bytes], int, Path],
 ) -> None:
     proc, port, log = hestia_serve
-    served = Served(App(), port)
+    served = Served(App(), port, None)
     resp = await refused(served, get("/v1/health", extra=b"x-big: " + b"a" * 9000 + b"\r\n"))
     assert resp.status == 431
     assert resp.json() == error(
@@ -876,3 +877,58 @@ async def test_hestia_serve_refuses_an_endless_header_line_in_bounded_memory(
     assert resp.json()["status"] == "ok"
     await wait_for(lambda: b"answered 431 to 127.0.0.1" in log.read_bytes(), 10, "the log line")
     assert b"open-file limit" in log.read_bytes()
+
+
+# ------------------------------------------------------------------ busy polling
+def test_busy_poll_setting() -> None:
+    assert busy_poll_seconds("auto", cpus=2) == BUSY_POLL_AUTO_S
+    assert busy_poll_seconds("auto", cpus=1) == 0.0  # one CPU: the spin would be the upstream's
+    assert busy_poll_seconds("off", cpus=8) == 0.0
+    assert busy_poll_seconds(0.0002, cpus=1) == 0.0002
+    assert build_server(App(), "127.0.0.1", free_port(), busy_poll="off").busy_poll is None
+
+
+class CountingPoll(BusyPoll):
+    spins = 0
+
+    def _spin(self) -> None:
+        self.spins += 1
+        super()._spin()
+
+
+async def test_busy_poll_polls_for_its_window_and_only_at_low_concurrency() -> None:
+    loop = asyncio.get_running_loop()
+    tasks: set[Any] = set()
+    poll = CountingPoll(0.02)
+    poll.bind(loop, tasks)
+    t0 = time.perf_counter()
+    poll.note()
+    await wait_for(lambda: not poll._spinning, 5, "the end of the window")
+    spun = time.perf_counter() - t0
+    assert spun >= 0.02 and poll.spins > 2  # polled again and again for the window, then left
+    # two requests in flight: no polling at all
+    tasks.update({object(), object()})
+    poll.spins = 0
+    poll.note()
+    await asyncio.sleep(0.01)
+    assert not poll._spinning and poll.spins == 0
+    # a second request arriving while it polls ends the polling
+    tasks.clear()
+    poll.note()
+    await asyncio.sleep(0)
+    tasks.update({object(), object()})
+    await asyncio.sleep(0.005)
+    assert not poll._spinning
+
+
+async def test_busy_poll_runs_after_a_response_in_the_real_server(serve: StartServer) -> None:
+    served = await serve(busy_poll=0.01)
+    conn = await Conn.open(served.port)
+    await conn.send(get("/plain"))
+    assert (await conn.response()).status == 200
+    poll = served.server.busy_poll
+    assert poll is not None and poll._spinning  # waiting for this client's next request
+    await wait_for(lambda: not poll._spinning, 5, "the end of the window")
+    conn.close()
+    off = await serve(busy_poll="off")
+    assert (await ok(off, get("/plain"))).status == 200 and off.server.busy_poll is None
