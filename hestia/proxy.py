@@ -51,6 +51,7 @@ from hestia.websocket import relay_websocket
 # flush=` does the same); a SIGKILL loses the last 10 ms of lines, a normal exit none.
 _ACCESS_FLUSH_S = 0.01
 _ACCESS_FLUSH_LINES = 256
+_FIELDS = 12  # values kept per access line (JsonAccessLog.access)
 # str -> its JSON string literal, quotes included, non-ASCII as \\uXXXX (as json.dumps)
 _escape: Callable[[str], str] = encode_basestring_ascii
 
@@ -68,8 +69,9 @@ class JsonAccessLog:
     can need escaping are strings (escaped by the json module's C escaper, ASCII-only output
     as `json.dumps` gives), durations are written with three decimals (`2.023`, `0.000`:
     what `round(x, 3)` and `repr` gave, at a quarter of their cost), and the timestamp's
-    date, time and zone are formatted once a second. An access line costs about 2 µs to
-    build, and its share of a batched write() next to nothing (bench/NOTES.md). `hestia
+    date, time and zone are formatted once a second. A request only leaves its values; the
+    lines are built together when the batch is written (about 2 µs a line), and their share
+    of the batched write() is next to nothing (bench/NOTES.md). `hestia
     serve` installs it when the logs are JSON at level INFO or below, and flushes it at exit;
     otherwise, and for access lines that carry an error, the access line goes through
     loguru like every other line. (So a loguru line can come out up to 10 ms before an access
@@ -82,7 +84,8 @@ class JsonAccessLog:
         """`max_write`: write at most this many bytes at once, cut at line ends (several
         processes writing to one pipe: writes up to PIPE_BUF are never interleaved)."""
         self._max_write = max_write
-        self._lines: list[str] = []
+        # what access() was given, _FIELDS values a line, until the batch is written (_build)
+        self._lines: list[Any] = []
         self._scheduled = False
         self._second = -1
         self._stamp = ""
@@ -102,28 +105,27 @@ class JsonAccessLog:
         cold_start: bool,
         client: str | None,
     ) -> None:
-        now = time.time()
-        second = int(now)
-        if second != self._second:
-            self._tick(second)
-        micros = int((now - second) * 1_000_000)
-        if micros > 999_999:  # float rounding at the very end of a second
-            micros = 999_999
-        e_method = _escape(method)
-        e_path = _escape(path)
-        # (the numbers are ints and floats by their types: no int() around them)
-        self._lines.append(
-            f'{{"ts": "{self._stamp}.{micros:06d}{self._zone}", "level": "info", '
-            # escaping works character by character: msg is made of the escaped parts
-            f'"msg": {e_method[:-1]} {e_path[1:-1]} -> {status}", '
-            f'"logger": "hestia.proxy", "event": "access", '
-            f'"request_id": {_escape(request_id)}, "service": {_escape(service)}, '
-            f'"method": {e_method}, "path": {e_path}, "status": {status}, '
-            f'"duration_ms": {duration_ms:.3f}, "bytes_in": {bytes_in}, '
-            f'"bytes_out": {bytes_out}, '
-            f'"waited_ms": {format(waited_ms, ".3f") if waited_ms else "0.000"}, '
-            f'"cold_start": {"true" if cold_start else "false"}, '
-            f'"client": {"null" if client is None else _escape(client)}}}\n'
+        # Only the values are kept here; the lines are built together when the batch is
+        # written: the same work, done in one tight loop (its code and data stay in the CPU's
+        # caches), measured at about half of what building each line in its request cost.
+        # The values go into one flat list: a tuple per request would be one more object
+        # for the garbage collector to count and walk until the batch is out, and that cost
+        # more than the building saved.
+        self._lines.extend(
+            (
+                time.time(),
+                request_id,
+                service,
+                method,
+                path,
+                status,
+                duration_ms,
+                bytes_in,
+                bytes_out,
+                waited_ms,
+                cold_start,
+                client,
+            )
         )
         if not self._scheduled:
             try:
@@ -133,8 +135,52 @@ class JsonAccessLog:
                 return
             self._scheduled = True
             loop.call_later(_ACCESS_FLUSH_S, self.flush)
-        elif len(self._lines) >= _ACCESS_FLUSH_LINES:
+        elif len(self._lines) >= _ACCESS_FLUSH_LINES * _FIELDS:
             self._write_out()  # the timer stays set and writes what comes after
+
+    def _build(self) -> list[str]:
+        """The waiting records as lines (and none waiting any more)."""
+        values = self._lines
+        self._lines = []
+        out = []
+        records: Any = zip(*[iter(values)] * _FIELDS, strict=True)
+        for (
+            now,
+            request_id,
+            service,
+            method,
+            path,
+            status,
+            duration_ms,
+            bytes_in,
+            bytes_out,
+            waited_ms,
+            cold_start,
+            client,
+        ) in records:
+            second = int(now)
+            if second != self._second:
+                self._tick(second)
+            micros = int((now - second) * 1_000_000)
+            if micros > 999_999:  # float rounding at the very end of a second
+                micros = 999_999
+            e_method = _escape(method)
+            e_path = _escape(path)
+            # (the numbers are ints and floats by their types: no int() around them)
+            out.append(
+                f'{{"ts": "{self._stamp}.{micros:06d}{self._zone}", "level": "info", '
+                # escaping works character by character: msg is made of the escaped parts
+                f'"msg": {e_method[:-1]} {e_path[1:-1]} -> {status}", '
+                f'"logger": "hestia.proxy", "event": "access", '
+                f'"request_id": {_escape(request_id)}, "service": {_escape(service)}, '
+                f'"method": {e_method}, "path": {e_path}, "status": {status}, '
+                f'"duration_ms": {duration_ms:.3f}, "bytes_in": {bytes_in}, '
+                f'"bytes_out": {bytes_out}, '
+                f'"waited_ms": {format(waited_ms, ".3f") if waited_ms else "0.000"}, '
+                f'"cold_start": {"true" if cold_start else "false"}, '
+                f'"client": {"null" if client is None else _escape(client)}}}\n'
+            )
+        return out
 
     def _tick(self, second: int) -> None:
         """The timestamp's fixed part for this second, in local time as loguru writes it."""
@@ -150,18 +196,17 @@ class JsonAccessLog:
     def _write_out(self) -> None:
         if not self._lines:
             return
+        lines = self._build()
         if self._max_write:
-            self._write_bounded()
+            self._write_bounded(lines)
             return
-        data = "".join(self._lines)
-        self._lines.clear()
-        sys.stdout.write(data)
+        sys.stdout.write("".join(lines))
         sys.stdout.flush()
 
-    def _write_bounded(self) -> None:
+    def _write_bounded(self, lines: list[str]) -> None:
         piece: list[str] = []
         size = 0
-        for line in self._lines:
+        for line in lines:
             if piece and size + len(line) > self._max_write:
                 sys.stdout.write("".join(piece))
                 sys.stdout.flush()
@@ -169,7 +214,6 @@ class JsonAccessLog:
                 size = 0
             piece.append(line)
             size += len(line)
-        self._lines.clear()
         sys.stdout.write("".join(piece))
         sys.stdout.flush()
 
