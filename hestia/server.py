@@ -3,6 +3,12 @@
 `build_server()` is what `hestia serve` runs and what the tests run, so the tests exercise the
 same protocol class (and its write coalescing) as production.
 
+`_Cycle` is a leaner version of uvicorn's request/response cycle, with three ASGI extensions
+in `scope["extensions"]`: `hestia.abort` (cut the client off), `hestia.gone`/`hestia.on_gone`
+(hear of a client that left, without reading `receive()`), and `hestia.respond` (a whole
+response in one write). `BusyPoll` is `server.busy_poll`: polling instead of sleeping for a
+moment after a request or a response, at low concurrency.
+
 `_HttpProtocol` is uvicorn's httptools protocol (0.54) with the parser callbacks that matter
 taken over, so that a client cannot exhaust the gateway before the app sees a request:
 
