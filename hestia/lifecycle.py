@@ -199,10 +199,7 @@ class Service:
             await self._take_slot()
         upstream = self.upstream
         if upstream is not None and self.state is State.READY:
-            if self.warmth.auto and not self.in_flight:
-                self.warmth.note_gap(time.monotonic() - self.last_activity)
-            self.in_flight += 1
-            return upstream
+            return self._enter(upstream)
         try:
             return await self._acquire_slow()
         except BaseException:
@@ -220,6 +217,10 @@ class Service:
         if lim.capacity is not None and (lim.in_use >= lim.capacity or lim._waiters):
             return None
         lim.in_use += 1
+        return self._enter(upstream)
+
+    def _enter(self, upstream: Upstream) -> Upstream:
+        """A request got its slot and a ready instance: it is in flight now."""
         if self.warmth.auto and not self.in_flight:
             self.warmth.note_gap(time.monotonic() - self.last_activity)
         self.in_flight += 1

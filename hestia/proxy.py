@@ -521,28 +521,23 @@ class Proxy:
                 resp_headers = downstream_response_headers(resp.headers, upstream, route)
                 resp_headers.append((b"x-request-id", ex.request_id))
                 ex.status = resp.status
+                # the whole body is often in already (it came with the head): then the response
+                # goes out in one call and one write, with no message dicts (hestia.respond)
+                whole = None
                 if respond is not None:
-                    # the whole body is often in already (it came with the head): then the
-                    # response goes out in one call and one write, with no message dicts
                     whole = resp.body_if_complete()
                     if whole is not None:
                         ex.bytes_out += len(whole)
                         watch.stop()
-                        if not respond(resp.status, resp_headers, whole):
-                            await send(
-                                {
-                                    "type": "http.response.start",
-                                    "status": resp.status,
-                                    "headers": resp_headers,
-                                }
-                            )
-                            await send({"type": "http.response.body", "body": whole})
-                        return None
+                        if respond(resp.status, resp_headers, whole):
+                            return None
                 await send(
                     {"type": "http.response.start", "status": resp.status, "headers": resp_headers}
                 )
                 last = b""
-                if resp.has_body():
+                if whole is not None:  # taken, but the client reads slowly: sent as messages
+                    last = whole
+                elif resp.has_body():
                     async for chunk in resp.read_chunks():
                         ex.bytes_out += len(chunk)
                         if resp.complete:  # the end of the body: sent with the last message
@@ -662,8 +657,7 @@ class _DisconnectWatch:
         self._on_gone = on_gone
         if on_gone is not None:
             if not on_gone(self._client_gone):
-                self._gone_early = True  # gone already: the first await is cancelled
-                self._cancel_soon()
+                self._client_gone()  # gone already
             return
         self._handle = asyncio.get_running_loop().call_later(_DISCONNECT_WATCH_AFTER_S, self._arm)
 
@@ -673,11 +667,6 @@ class _DisconnectWatch:
             return
         self.disconnected = True
         self._task.cancel()
-
-    def _cancel_soon(self) -> None:
-        if not self._body_pending:
-            self.disconnected = True
-            self._task.cancel()
 
     def _arm(self) -> None:
         self._handle = None

@@ -341,7 +341,7 @@ class _Cycle:
         self.disconnected = False
         self.keep_alive = keep_alive
         self.waiting_for_100_continue = expect_100_continue
-        self.body = b""
+        self.body: bytes | bytearray = b""
         self.more_body = True
         self._body_done = False  # the message with more_body False was handed out
         self.response_started = False
@@ -368,9 +368,18 @@ class _Cycle:
                 waiter.set_result(None)
 
     def add_body(self, body: bytes) -> int:
-        """Body bytes from the parser; returns how many are buffered now."""
+        """Body bytes from the parser; returns how many are buffered now. One piece is kept
+        as it came; more go into a bytearray (appending to bytes would copy all that is
+        buffered for each piece: quadratic in a body sent in small pieces to an app that has
+        not read yet, e.g. while a start is awaited)."""
         buffered = self.body
-        self.body = buffered = buffered + body if buffered else body
+        if not buffered:
+            self.body = buffered = body
+        elif isinstance(buffered, bytearray):
+            buffered += body
+        else:
+            self.body = buffered = bytearray(buffered)
+            buffered += body
         self.wake()
         return len(buffered)
 
@@ -491,11 +500,11 @@ class _Cycle:
             content += (name, b": ", value, b"\r\n")
         # one search over all the names and one over all the values: a name or a value that
         # could end its line early (response splitting) is refused all the same
-        if HEADER_RE.search(b"".join(names)) or HEADER_VALUE_RE.search(b"".join(values)):
+        bad_name = HEADER_RE.search(b"".join(names))
+        if bad_name or HEADER_VALUE_RE.search(b"".join(values)):
             self.chunked_encoding = None
             self.expected_content_length = 0
-            which = "name" if HEADER_RE.search(b"".join(names)) else "value"
-            raise RuntimeError(f"Invalid HTTP header {which}.")
+            raise RuntimeError(f"Invalid HTTP header {'name' if bad_name else 'value'}.")
         self.response_started = True
         self.waiting_for_100_continue = False
         for name, value in self.default_headers:
@@ -516,11 +525,11 @@ class _Cycle:
         content.append(b"\r\n")
         return b"".join(content)
 
-    def _body(self, body: bytes, more_body: bool) -> bytes | list[bytes]:
+    def _body(self, body: bytes, more_body: bool) -> list[bytes]:
         """What goes on the wire for a body message (checked against Content-Length)."""
         if self.scope["method"] == "HEAD":
             self.expected_content_length = 0
-            return b""
+            return []
         if self.chunked_encoding:
             chunk = [b"%x\r\n" % len(body), body, b"\r\n"] if body else []
             if not more_body:
@@ -530,7 +539,7 @@ class _Cycle:
         if num_bytes > self.expected_content_length:
             raise RuntimeError("Response content longer than Content-Length")
         self.expected_content_length -= num_bytes
-        return body
+        return [body]
 
     def _complete(self) -> None:
         if self.expected_content_length != 0:
@@ -554,11 +563,7 @@ class _Cycle:
         if self.disconnected:
             return True
         head = self._head(status, headers)
-        data = self._body(body, False)
-        if isinstance(data, list):
-            self.transport.send_all((head, *data))
-        else:
-            self.transport.send_all((head, data))
+        self.transport.send_all((head, *self._body(body, False)))
         self._complete()
         return True
 
@@ -582,11 +587,8 @@ class _Cycle:
                     f"Expected ASGI message 'http.response.body', but got '{message['type']}'."
                 )
             more_body = message.get("more_body", False)
-            data = self._body(message.get("body", b""), more_body)
-            if isinstance(data, list):
-                self.transport.write(b"".join(data))
-            else:
-                self.transport.write(data)
+            # (one piece is written as it is: b"".join of one bytes object is that object)
+            self.transport.write(b"".join(self._body(message.get("body", b""), more_body)))
             if not more_body:
                 self._complete()
 
@@ -623,6 +625,8 @@ class _Cycle:
             return {"type": "http.disconnect"}
         body = self.body
         self.body = b""
+        if isinstance(body, bytearray):
+            body = bytes(body)
         more_body = self.more_body
         if not more_body:
             self._body_done = True
@@ -853,17 +857,11 @@ class _HttpProtocol(HttpToolsProtocol):
         }
         self.scope["extensions"] = extensions
         if existing_cycle is None or existing_cycle.response_complete:
-            self._start_asgi_task(cycle, self.app)
+            self._start_asgi_task(cycle, self.app)  # type: ignore[arg-type]
         else:
             # Pipelined HTTP requests need to be queued up.
             self.flow.pause_reading()
             self.pipeline.appendleft((cycle, self.app))
-
-    def _start_asgi_task(self, cycle: _Cycle, app: ASGIApp) -> None:  # type: ignore[override]
-        # uvicorn's, without its opt-in `reset_contextvars` (not set here)
-        task = self.loop.create_task(cycle.run_asgi(app))
-        task.add_done_callback(self.tasks.discard)
-        self.tasks.add(task)
 
     def on_body(self, body: bytes) -> None:
         self._unbody = 0
@@ -895,7 +893,7 @@ class _HttpProtocol(HttpToolsProtocol):
         self.flow.resume_reading()
         if self.pipeline:
             cycle, app = self.pipeline.pop()
-            self._start_asgi_task(cycle, app)
+            self._start_asgi_task(cycle, app)  # type: ignore[arg-type]
 
     # ------------------------------------------------------------------ checks
     def _check_head(self, http_version: str, method: bytes, url: bytes) -> Refusal | None:

@@ -38,6 +38,8 @@ class App:
         self.gone: list[str] = []
         self.received: list[str] = []
         self.waiting = asyncio.Event()
+        self.read_now = asyncio.Event()
+        self.body_types: set[str] = set()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
@@ -117,12 +119,15 @@ class App:
             return
         if path == "/late-reader":
             await asyncio.sleep(1.5)  # three body timeouts: the app is busy, not the client
+        if path == "/reads-later":
+            await self.read_now.wait()
         body = b""
         while True:
             msg = await receive()
             if msg["type"] == "http.disconnect":
                 self.disconnects += 1
                 return
+            self.body_types.add(type(msg.get("body", b"")).__name__)
             body += msg.get("body", b"")
             if not msg.get("more_body"):
                 break
@@ -744,6 +749,28 @@ async def test_two_tasks_waiting_in_receive_both_hear_of_the_body(serve: StartSe
     assert (resp.status, resp.body) == (200, b"abc")
     await wait_for(lambda: len(served.app.received) == 2, 5, "the second receive()")
     assert served.app.received == ["http.request", "http.disconnect"]
+    conn.close()
+
+
+async def test_a_body_in_small_pieces_waits_whole_for_an_app_not_reading_yet(
+    serve: StartServer,
+) -> None:
+    """Pieces that arrive before the app reads are buffered (up to 64 KiB, then reading
+    pauses) and handed over as bytes, in order."""
+    served = await serve()
+    conn = await Conn.open(served.port)
+    payload = bytes(range(256)) * 200  # 51,200 bytes
+    await conn.send(
+        b"POST /reads-later HTTP/1.1\r\nHost: gw\r\nContent-Length: %d\r\n\r\n" % len(payload)
+    )
+    for i in range(0, len(payload), 100):
+        await conn.send(payload[i : i + 100])
+        if i % 10_000 == 0:
+            await asyncio.sleep(0.01)  # separate reads on the server's side
+    served.app.read_now.set()
+    resp = await conn.response()
+    assert resp.status == 200 and resp.json()["body_len"] == len(payload)
+    assert served.app.body_types == {"bytes"}  # never the buffer's bytearray
     conn.close()
 
 
